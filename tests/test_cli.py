@@ -1,0 +1,30 @@
+"""The study command on the embedded model: results.json and report.html with the promised fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from em_interp.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_study_quick_writes_results_and_report(smollm, tmp_path):
+    out = tmp_path / "study"
+    assert main(["study", "--out", str(out), "--quick", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["name"] == "smollm2-135m-instruct"
+    assert (results["model"]["n_layers"], results["model"]["d_model"]) == (30, 576)
+    assert results["model"]["load_seconds"] > 0
+    assert results["cache"]["examples"] >= 4 and results["cache"]["tokens_per_second"] > 0
+    report = (out / "report.html").read_text()
+    assert "Residual cache" in report and "plotly" in report
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_study_bad_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["study", "--out", str(tmp_path / "x"), "--model", "nope-model"]) == 2
+    assert "unknown model 'nope-model'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "results.json").exists()
