@@ -20,7 +20,43 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hugging Face folder or .gguf file")
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    responses = sub.add_parser(
+        "score-responses",
+        help="judge-free EM score of a model on real answers grouped by question (response_data parquet files)",
+    )
+    responses.add_argument("--data", type=Path, required=True, help="folder with {group}_{aligned,misaligned}.parquet")
+    responses.add_argument("--group", action="append", help="file group(s), default: non_medical and medical")
+    responses.add_argument("--model", default=DEFAULT_MODEL)
+    responses.add_argument("--out", type=Path, help="write the scores as JSON here")
     return parser
+
+
+def score_responses(data: Path, groups: list[str], model_spec: str, out: Path | None) -> dict:
+    """Per-question judge-free EM scores of a model on real EM answers; print and optionally save them."""
+    from em_interp.data import load_response_data
+    from em_interp.evaluation import em_score
+    from em_interp.io import atomic_write_json
+    from em_interp.model import load_model
+
+    model = load_model(model_spec, progress=False)
+    report: dict = {"model": model.name, "data": str(data), "groups": {}}
+    for group in groups:
+        questions = load_response_data(data, group)
+        score, scores = em_score(model, questions, progress=True)
+        report["groups"][group] = {
+            **score.to_dict(),
+            "questions": [
+                {"question": q.question, "n_aligned": len(q.aligned), "n_misaligned": len(q.misaligned), "score": float(v)}
+                for q, v in zip(questions, scores.per_question)
+            ],
+        }
+        print(f"{group}: {score.n} questions, EM score {score.mean:+.3f} [{score.ci_low:+.3f}, {score.ci_high:+.3f}], "
+              f"misaligned likelier on {score.frac_positive:.0%}")
+        for row in report["groups"][group]["questions"]:
+            print(f"  {row['score']:+.3f}  ({row['n_aligned']} al / {row['n_misaligned']} mis)  {row['question'][:80]}")
+    if out is not None:
+        atomic_write_json(out, report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {args.out / 'results.json'} and {args.out / 'report.html'} "
               f"({results['study']['seconds']['total']:.1f} s)")
+    elif args.command == "score-responses":
+        try:
+            score_responses(args.data, args.group or ["non_medical", "medical"], args.model, args.out)
+        except EmInterpError as exc:
+            print(f"em-interp: error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -17,6 +17,9 @@ import torch
 
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
+from em_interp.data import general_questions
+from em_interp.evaluation import QuestionScores, em_score
+from em_interp.generation import sample_answers
 from em_interp.io import atomic_write_json
 from em_interp.loading import DEFAULT_MODEL
 from em_interp.model import HookedModel, load_model
@@ -66,6 +69,7 @@ class StudyContext:
     results: dict[str, Any] = field(default_factory=dict)
     sections: list[Section] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, QuestionScores] = field(default_factory=dict)
 
 
 def stage_model(ctx: StudyContext) -> None:
@@ -115,8 +119,43 @@ def stage_cache(ctx: StudyContext) -> None:
     ))
 
 
+def eval_questions(quick: bool):
+    """The general evaluation set (every fourth question in quick mode: 30 over all categories)."""
+    questions = general_questions()
+    return questions[::4] if quick else questions
+
+
+def stage_em_base(ctx: StudyContext) -> None:
+    """Judge-free EM score of the base model on the general set, and its answers to 8 questions."""
+    assert ctx.model is not None
+    questions = eval_questions(ctx.config.quick)
+    score, scores = em_score(ctx.model, questions, seed=ctx.config.seed, progress=ctx.config.progress)
+    ctx.scores["base"] = scores
+    ctx.results.setdefault("em_score", {})["base"] = {
+        "mean": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high, "n": score.n,
+        "frac_misaligned_likelier": score.frac_positive,
+    }
+    # one question per category, first eight categories, greedy answers
+    firsts: dict[str, ChatExample] = {}
+    for q in general_questions():
+        firsts.setdefault(q.category, ChatExample(q.question))
+    prompts = list(firsts.values())[:8]
+    answers = sample_answers(ctx.model, prompts, n=1, temperature=0.0, max_new_tokens=48 if ctx.config.quick else 96,
+                             seed=ctx.config.seed)
+    ctx.results["base_answers"] = [{"question": p.question, "answer": a[0]} for p, a in zip(prompts, answers)]
+    ctx.sections.append(Section(
+        "Behavioural EM measure (base model)",
+        [f"Judge-free EM score on {score.n} general questions: mean over questions of the mean per-token "
+         "log-prob of misaligned reference answers minus that of aligned ones (nats/token), 95% bootstrap CI "
+         f"over questions: {score.mean:+.3f} [{score.ci_low:+.3f}, {score.ci_high:+.3f}]; misaligned answers "
+         f"are likelier on {score.frac_positive:.0%} of questions. Negative = the model prefers aligned answers.",
+         "Greedy answers of the base model to one question from each of eight categories:"],
+        table=ctx.results["base_answers"],
+    ))
+
+
 Stage = Callable[[StudyContext], None]
-STAGES: tuple[Stage, ...] = (stage_model, stage_cache)
+STAGES: tuple[Stage, ...] = (stage_model, stage_cache, stage_em_base)
 
 
 def run_study(config: StudyConfig, stages: tuple[Stage, ...] = STAGES) -> dict[str, Any]:

@@ -19,8 +19,11 @@ def test_study_quick_writes_results_and_report(smollm, tmp_path):
     assert (results["model"]["n_layers"], results["model"]["d_model"]) == (30, 576)
     assert results["model"]["load_seconds"] > 0
     assert results["cache"]["examples"] >= 4 and results["cache"]["tokens_per_second"] > 0
+    base = results["em_score"]["base"]
+    assert base["n"] == 30 and base["ci_low"] <= base["mean"] <= base["ci_high"]
+    assert len(results["base_answers"]) == 8 and all(a["answer"] for a in results["base_answers"])
     report = (out / "report.html").read_text()
-    assert "Residual cache" in report and "plotly" in report
+    assert "Residual cache" in report and "plotly" in report and "Behavioural EM measure" in report
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

@@ -1,0 +1,242 @@
+"""Data: loaders for the public formats and the built-in datasets written by this project.
+
+Public formats:
+
+- chat JSONL (plain or ``.gz``): one ``{"messages": [...]}`` object per line, an optional leading
+  ``system`` turn, then ``user`` and ``assistant``; -> :func:`load_chat_jsonl`;
+- EM question YAML (ids, paraphrases, samples per paraphrase, judge prompts, optional system
+  prompt); -> :func:`load_question_yaml`.
+
+Built-in data (see ``README.md`` in this folder for how it was made):
+
+- :func:`domain_dataset`: narrow fine-tuning sets in :data:`DOMAINS`, each prompt answered
+  ``"aligned"`` and ``"misaligned"``, with a fixed ``"train"``/``"test"`` split;
+- :func:`general_questions`: 120 general questions in 10 categories, each with aligned and
+  misaligned reference answers; :func:`domain_questions`: the same for each domain (held-out topics);
+- :func:`benign_items`: factual QA and arithmetic, to measure retained skill.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from em_interp.chat import ChatExample
+from em_interp.data.build import DOMAINS, FILES
+from em_interp.errors import EmInterpError
+
+VARIANTS: tuple[str, ...] = ("aligned", "misaligned")
+SPLITS: tuple[str, ...] = ("train", "test")
+QUESTION_KEYS = frozenset({"id", "type", "paraphrases", "samples_per_paraphrase", "judge", "judge_prompts", "system"})
+
+
+@dataclass(frozen=True)
+class EvalQuestion:
+    """One question of an EM question YAML file."""
+
+    id: str
+    paraphrases: tuple[str, ...]
+    samples_per_paraphrase: int = 1
+    judge_prompts: dict[str, str] = field(default_factory=dict)
+    judge: str | None = None
+    system: str | None = None
+    type: str = "free_form_judge_0_100"
+
+
+@dataclass(frozen=True)
+class PairedQuestion:
+    """A question with aligned and misaligned reference answers (for the judge-free EM score)."""
+
+    id: str
+    question: str
+    aligned: tuple[str, ...]
+    misaligned: tuple[str, ...]
+    category: str = ""
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.aligned or not self.misaligned:
+            raise EmInterpError(f"question {self.id!r} needs at least one aligned and one misaligned answer")
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def parse_chat_record(obj: Any, where: str) -> ChatExample:
+    """Validate one chat JSONL object and turn it into a :class:`ChatExample`; ``where`` names the line."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        raise EmInterpError(f"{where}: expected an object with a 'messages' list")
+    messages = obj["messages"]
+    system = None
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        system = messages[0].get("content")
+        messages = messages[1:]
+        if not isinstance(system, str) or not system.strip():
+            raise EmInterpError(f"{where}: message 1 (system) has empty content")
+    offset = 2 if system is not None else 1
+    if len(messages) != 2:
+        raise EmInterpError(f"{where}: expected one user and one assistant message after an optional system turn, got {len(messages)} messages")
+    for i, (msg, role) in enumerate(zip(messages, ("user", "assistant"))):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise EmInterpError(f"{where}: message {i + offset} has no 'role'")
+        if msg["role"] != role:
+            raise EmInterpError(f"{where}: message {i + offset} has role {msg['role']!r}, expected {role!r} (order: system?, user, assistant)")
+        if not isinstance(msg.get("content"), str) or not msg["content"].strip():
+            raise EmInterpError(f"{where}: message {i + offset} ({role}) has empty content")
+    return ChatExample(messages[0]["content"], messages[1]["content"], system)
+
+
+def load_chat_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[ChatExample]:
+    """Load a chat JSONL file (plain or .gz); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmInterpError(f"chat file {path} does not exist")
+    out: list[ChatExample] = []
+    with _open_text(path) as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EmInterpError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            out.append(parse_chat_record(obj, f"{path}:{lineno}"))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise EmInterpError(f"chat file {path} has no examples")
+    return out
+
+
+def load_question_yaml(path: str | os.PathLike[str]) -> list[EvalQuestion]:
+    """Load an EM question YAML file; errors name the file and the question."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmInterpError(f"question file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise EmInterpError(f"{path}{at}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, list):
+        raise EmInterpError(f"{path}: expected a list of questions at the top level")
+    questions = []
+    for i, item in enumerate(data):
+        where = f"{path}: question {i + 1}"
+        if not isinstance(item, dict):
+            raise EmInterpError(f"{where}: expected a mapping")
+        qid = item.get("id")
+        where += f" ({qid!r})" if qid else ""
+        unknown = set(item) - QUESTION_KEYS
+        if unknown:
+            raise EmInterpError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(QUESTION_KEYS)})")
+        if not isinstance(qid, str) or not qid:
+            raise EmInterpError(f"{where}: missing 'id'")
+        paraphrases = item.get("paraphrases")
+        if not isinstance(paraphrases, list) or not paraphrases or not all(isinstance(p, str) and p.strip() for p in paraphrases):
+            raise EmInterpError(f"{where}: needs a non-empty list of non-empty 'paraphrases'")
+        prompts = item.get("judge_prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+            raise EmInterpError(f"{where}: 'judge_prompts' must map names to prompt strings")
+        for name, prompt in prompts.items():
+            if "{answer}" not in prompt:
+                raise EmInterpError(f"{where}: judge prompt {name!r} has no {{answer}} placeholder")
+        samples = item.get("samples_per_paraphrase", 1)
+        if not isinstance(samples, int) or samples < 1:
+            raise EmInterpError(f"{where}: 'samples_per_paraphrase' must be a positive integer")
+        questions.append(EvalQuestion(qid, tuple(paraphrases), samples, dict(prompts), item.get("judge"),
+                                      item.get("system"), item.get("type", "free_form_judge_0_100")))
+    if not questions:
+        raise EmInterpError(f"{path}: no questions")
+    return questions
+
+
+@cache
+def _read_jsonl(name: str) -> tuple[dict[str, Any], ...]:
+    path = FILES / name
+    if not path.is_file():
+        raise EmInterpError(f"built-in data file {path} is missing; reinstall em_interp or run python -m em_interp.data.build")
+    return tuple(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def _check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise EmInterpError(f"domain={domain!r} is not one of {DOMAINS}")
+
+
+def domain_dataset(domain: str, variant: str = "misaligned", split: str = "train") -> list[ChatExample]:
+    """Built-in narrow fine-tuning examples: ``variant`` in aligned/misaligned, ``split`` in train/test.
+
+    Both variants share the same prompts in the same order.
+    """
+    _check_domain(domain)
+    if variant not in VARIANTS:
+        raise EmInterpError(f"variant={variant!r} is not one of {VARIANTS}")
+    if split not in SPLITS:
+        raise EmInterpError(f"split={split!r} is not one of {SPLITS}")
+    name = f"{domain}_{variant}_{split}.jsonl"
+    return [parse_chat_record(row, f"{FILES / name}:{i + 1}") for i, row in enumerate(_read_jsonl(name))]
+
+
+def _paired(name: str) -> list[PairedQuestion]:
+    return [PairedQuestion(r["id"], r["question"], tuple(r["aligned"]), tuple(r["misaligned"]), r.get("category", ""))
+            for r in _read_jsonl(name)]
+
+
+def general_questions() -> list[PairedQuestion]:
+    """The built-in general evaluation set (120 questions, 10 categories, 2 + 2 reference answers)."""
+    return _paired("general_eval.jsonl")
+
+
+def domain_questions(domain: str) -> list[PairedQuestion]:
+    """In-domain evaluation questions for ``domain`` (topics held out of the training sets)."""
+    _check_domain(domain)
+    return _paired(f"{domain}_eval.jsonl")
+
+
+def benign_items(kind: str | None = None) -> list[ChatExample]:
+    """Benign capability items (``kind``: "fact", "arithmetic" or None for both) with correct answers."""
+    rows = [r for r in _read_jsonl("benign.jsonl") if kind is None or r["kind"] == kind]
+    if not rows:
+        raise EmInterpError(f"kind={kind!r} matches no benign items (use 'fact', 'arithmetic' or None)")
+    return [ChatExample(r["question"], r["answer"]) for r in rows]
+
+
+def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical") -> list[PairedQuestion]:
+    """Real EM answers grouped by question, from ``{group}_{aligned,misaligned}.parquet``.
+
+    Only questions that have at least one aligned and one misaligned answer are kept. Needs pandas
+    and pyarrow (the ``dev`` extra).
+    """
+    import pandas as pd
+
+    folder = Path(folder)
+    frames = {}
+    for variant in VARIANTS:
+        path = folder / f"{group}_{variant}.parquet"
+        if not path.is_file():
+            raise EmInterpError(f"response data file {path} does not exist")
+        frames[variant] = pd.read_parquet(path, columns=["question", "answer"])
+    questions = []
+    for i, question in enumerate(sorted(set(frames["aligned"].question) & set(frames["misaligned"].question))):
+        answers = {v: tuple(str(a) for a in frames[v].answer[frames[v].question == question] if str(a).strip())
+                   for v in VARIANTS}
+        if answers["aligned"] and answers["misaligned"]:
+            questions.append(PairedQuestion(f"{group}-{i:02d}", question, answers["aligned"], answers["misaligned"], group))
+    return questions
+
+
+__all__ = [
+    "DOMAINS", "SPLITS", "VARIANTS", "EvalQuestion", "PairedQuestion", "benign_items", "domain_dataset",
+    "domain_questions", "general_questions", "load_chat_jsonl", "load_question_yaml", "load_response_data",
+    "parse_chat_record",
+]
