@@ -51,9 +51,23 @@ def boot(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
         # bridge uses to choose its architecture adapter.
         config.architectures = [type(hf_model).__name__]
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    before = {id(p) for p in hf_model.parameters()}
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+    # The bridge may add parameters of its own (e.g. a zero unembedding bias); they must never train.
+    for param in bridge.parameters():
+        if id(param) not in before:
+            param.requires_grad_(False)
     bridge.eval()
     return bridge
+
+
+#: Booting wraps each HF submodule, so module and parameter names gain this infix.
+_WRAPPER_INFIX = "._original_component"
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face module/parameter name of a name seen after booting (wrapper infixes removed)."""
+    return name.replace(_WRAPPER_INFIX, "")
 
 
 def hook_name(site: str, layer: int) -> str:
@@ -72,6 +86,12 @@ def n_layers(bridge: Any) -> int:
 def d_model(bridge: Any) -> int:
     """Width of the residual stream."""
     return int(bridge.cfg.d_model)
+
+
+def site_width(bridge: Any, site: str) -> int:
+    """Width of the activations at ``site``: d_mlp for ``mlp_post``, else d_model."""
+    hook_name(site, 0)  # validates the site
+    return int(bridge.cfg.d_mlp) if site == "mlp_post" else int(bridge.cfg.d_model)
 
 
 def forward(

@@ -39,6 +39,9 @@ from em_interp.version import __version__
 
 REDUCTIONS: tuple[str, ...] = ("answer_mean", "last_prompt", "prompt_mean", "answer_tokens")
 RESIDUAL_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+#: Every site that can be cached: the residual sites, plus attn_out, mlp_out and mlp_post (the
+#: MLP's hidden activation, i.e. the input of down_proj, width d_mlp).
+ACTIVATION_SITES: tuple[str, ...] = (*RESIDUAL_SITES, "attn_out", "mlp_out", "mlp_post")
 META_FILE = "meta.json"
 
 Activations = Float[Tensor, "rows d_model"]
@@ -219,7 +222,8 @@ def cache_residuals(
         model: the hooked model (any active hooks or adapters apply).
         examples: chat examples; answer-based reductions need every example to have an answer.
         layers: block indices (default: all). Layer l = output of block l for ``resid_post``.
-        hook: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``.
+        hook: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"`` (or another of
+            :data:`ACTIVATION_SITES`, e.g. ``"mlp_post"``, the input of ``down_proj``).
         reduction: one of :data:`REDUCTIONS` (see the module docstring).
         batch_size: examples per forward pass (examples are length-sorted within a shard).
         max_length: truncate each tokenised chat to this many tokens.
@@ -230,8 +234,8 @@ def cache_residuals(
     """
     if len(examples) == 0:
         raise EmInterpError("examples is empty: nothing to cache")
-    if hook not in RESIDUAL_SITES:
-        raise EmInterpError(f"hook={hook!r} must be one of {RESIDUAL_SITES}")
+    if hook not in ACTIVATION_SITES:
+        raise EmInterpError(f"hook={hook!r} must be one of {ACTIVATION_SITES}")
     if reduction not in REDUCTIONS:
         raise EmInterpError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
     if batch_size < 1 or shard_size < 1:
@@ -243,7 +247,7 @@ def cache_residuals(
     meta = CacheMeta(
         model=model.name, load_flags=model.load_flags, layers=layer_list, hook=hook, reduction=reduction,
         examples_hash=sha256_json([e.to_dict() for e in examples]), n_examples=len(examples),
-        d_model=model.d_model, max_length=max_length,
+        d_model=model.site_width(hook), max_length=max_length,
     )
     root = Path(out_dir) if out_dir is not None else None
     done = _resume(root, meta) if root is not None else []

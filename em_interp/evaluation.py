@@ -13,8 +13,10 @@ adapters apply.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +25,8 @@ from tqdm.auto import tqdm
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion
 from em_interp.errors import EmInterpError
+from em_interp.io import atomic_write_bytes, sha256_json
+from em_interp.loading import cache_dir
 from em_interp.model import HookedModel
 
 
@@ -76,12 +80,43 @@ class QuestionScores:
         return np.array([m.mean() - a.mean() for a, m in zip(self.aligned, self.misaligned)])
 
 
+def _score_cache_path(model: HookedModel, questions: Sequence[PairedQuestion]) -> Path:
+    key = sha256_json({"model": model.fingerprint(), "questions": [asdict(q) for q in questions],
+                       "metric": "mean_answer_token_logprob_v1"})
+    return cache_dir() / "scores" / f"{key[:32]}.npz"
+
+
 def score_questions(
-    model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int = 8, progress: bool = False
+    model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int = 8, progress: bool = False,
+    use_cache: bool = True,
 ) -> QuestionScores:
-    """Score every reference answer of every question (each distinct text scored once)."""
+    """Score every reference answer of every question (each distinct text scored once).
+
+    With ``use_cache`` (default) and no hooks attached, results are stored under the user cache,
+    keyed by the model's weight fingerprint and the questions, and reused when both are unchanged.
+    """
     if not questions:
         raise EmInterpError("questions is empty: nothing to score")
+    cacheable = use_cache and model.active_hook_count() == 0
+    path = _score_cache_path(model, questions) if cacheable else None
+    if path is not None and path.is_file():
+        with np.load(path) as saved:
+            lengths_a, lengths_m = saved["n_aligned"], saved["n_misaligned"]
+            al = np.split(saved["aligned"], np.cumsum(lengths_a)[:-1])
+            mis = np.split(saved["misaligned"], np.cumsum(lengths_m)[:-1])
+        return QuestionScores(tuple(q.id for q in questions), tuple(al), tuple(mis))
+    scores = _score_questions(model, questions, batch_size, progress)
+    if path is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, aligned=np.concatenate(scores.aligned), misaligned=np.concatenate(scores.misaligned),
+                 n_aligned=np.array([len(a) for a in scores.aligned]),
+                 n_misaligned=np.array([len(m) for m in scores.misaligned]))
+        atomic_write_bytes(path, buffer.getvalue())
+    return scores
+
+
+def _score_questions(model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int,
+                     progress: bool) -> QuestionScores:
     keys: dict[tuple[str | None, str, str], int] = {}
     for q in questions:
         for answer in (*q.aligned, *q.misaligned):

@@ -185,9 +185,13 @@ def resolve_spec(spec: str | os.PathLike[str], allow_network: bool | None = None
     )
 
 
-def load_hf(resolved: ResolvedSpec, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
+def load_hf(resolved: ResolvedSpec, dtype: torch.dtype, device: str, progress: bool = True) -> tuple[Any, Any]:
     """Load the Hugging Face model and tokenizer a resolved spec points to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
 
     local_only = resolved.source != "hub"
     try:

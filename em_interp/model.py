@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +71,10 @@ class HookedModel:
         """Width of the residual stream."""
         return _bridge.d_model(self.bridge)
 
+    def site_width(self, site: str) -> int:
+        """Width of the activations at ``site`` (d_mlp for ``mlp_post``, else d_model)."""
+        return _bridge.site_width(self.bridge, site)
+
     @property
     def hf_model(self) -> torch.nn.Module:
         """The wrapped Hugging Face model (booting the bridge made its forward run through the hooks)."""
@@ -79,6 +84,31 @@ class HookedModel:
     def device(self) -> torch.device:
         """Device of the model's parameters."""
         return next(self.hf_model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """A hash that changes whenever the weights the model computes with change.
+
+        Covers the model id, its loading flags (minus the adapter path), the size and mtime of the
+        base weight files, and the current values of every trainable LoRA parameter (so scaled or
+        retrained adapters get a new fingerprint). Hooks are not covered: check
+        :meth:`active_hook_count` before reusing anything computed under this fingerprint.
+        """
+        import hashlib
+
+        digest = hashlib.sha256()
+        flags = {k: v for k, v in self.load_flags.items() if k != "adapter"}
+        digest.update(repr((self.name, sorted(flags.items()))).encode())
+        location = Path(str(self.load_flags.get("location", "")))
+        if location.is_dir():
+            for f in sorted(location.glob("*.safetensors")):
+                stat = f.stat()
+                digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if self.peft_model is not None:
+            for name, param in sorted(self.peft_model.named_parameters()):
+                if ".lora_" in name:
+                    digest.update(name.encode())
+                    digest.update(param.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def metadata(self) -> dict[str, Any]:
         """Model id and loading flags, for artefact sidecars."""
@@ -217,23 +247,33 @@ def load_model(
     """
     start = time.perf_counter()
     resolved = resolve_spec(spec, allow_network=allow_network, progress=progress)
-    hf_model, tokenizer = load_hf(resolved, dtype=dtype, device=device)
+    hf_model, tokenizer = load_hf(resolved, dtype=dtype, device=device, progress=progress)
     peft_model = None
     if adapter is not None:
         peft_model = attach_adapter(hf_model, adapter, (resolved.model_id, resolved.location, *resolved.aliases))
         hf_model = peft_model.base_model.model
-    bridge = _bridge.boot(hf_model, tokenizer, resolved.model_id)
-    flags = {
+    model = wrap_hf(hf_model, tokenizer, resolved.model_id, {
         "source": resolved.source,
         "location": resolved.location,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
         "adapter": os.path.abspath(os.fspath(adapter)) if adapter is not None else None,
+    }, peft_model=peft_model)
+    model.load_seconds = time.perf_counter() - start
+    return model
+
+
+def wrap_hf(hf_model: torch.nn.Module, tokenizer: Any, name: str, flags: dict[str, Any],
+            peft_model: Any = None) -> HookedModel:
+    """Boot the hook bridge on a loaded HF model (in place) and wrap it as a :class:`HookedModel`.
+
+    ``hf_model`` is the plain HF model (for a peft model: ``peft_model.base_model.model``).
+    """
+    bridge = _bridge.boot(hf_model, tokenizer, name)
+    flags = {
+        **flags,
         "weight_processing": False,
         "transformer_lens": _bridge.TL_VERSION,
         "chat_template": "model" if tokenizer.chat_template else "em_interp fallback",
     }
-    model = HookedModel(bridge, tokenizer, resolved.model_id, flags, peft_model=peft_model)
-    model.load_seconds = time.perf_counter() - start
-    return model
-
+    return HookedModel(bridge, tokenizer, name, flags, peft_model=peft_model)

@@ -70,6 +70,7 @@ class StudyContext:
     sections: list[Section] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     scores: dict[str, QuestionScores] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def stage_model(ctx: StudyContext) -> None:
@@ -155,11 +156,18 @@ def stage_em_base(ctx: StudyContext) -> None:
 
 
 Stage = Callable[[StudyContext], None]
-STAGES: tuple[Stage, ...] = (stage_model, stage_cache, stage_em_base)
 
 
-def run_study(config: StudyConfig, stages: tuple[Stage, ...] = STAGES) -> dict[str, Any]:
+def default_stages() -> tuple[Stage, ...]:
+    """Every stage of the study, in order."""
+    from em_interp.study_organisms import STAGES_ORGANISMS
+
+    return (stage_model, stage_cache, stage_em_base, *STAGES_ORGANISMS)
+
+
+def run_study(config: StudyConfig, stages: tuple[Stage, ...] | None = None) -> dict[str, Any]:
     """Run every stage, then write ``results.json`` and ``report.html`` into ``config.out``."""
+    stages = default_stages() if stages is None else stages
     torch.manual_seed(config.seed)
     ctx = StudyContext(config)
     total = time.perf_counter()

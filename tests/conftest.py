@@ -14,6 +14,28 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL = ROOT.parent / "shared" / "external"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Point em_interp's user cache at a temporary folder for the whole test session.
+
+    The converted embedded model is expensive to rebuild, so an existing conversion in the real
+    cache is linked in (read-only use); everything else (organisms, scores) starts empty.
+    """
+    from em_interp.loading import cache_dir
+
+    real_models = cache_dir() / "models"
+    root = tmp_path_factory.mktemp("em_cache")
+    if real_models.is_dir():
+        (root / "models").symlink_to(real_models, target_is_directory=True)
+    old = os.environ.get("EM_INTERP_CACHE")
+    os.environ["EM_INTERP_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("EM_INTERP_CACHE", None)
+    else:
+        os.environ["EM_INTERP_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One saved tiny model folder per architecture."""

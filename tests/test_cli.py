@@ -22,8 +22,18 @@ def test_study_quick_writes_results_and_report(smollm, tmp_path):
     base = results["em_score"]["base"]
     assert base["n"] == 30 and base["ci_low"] <= base["mean"] <= base["ci_high"]
     assert len(results["base_answers"]) == 8 and all(a["answer"] for a in results["base_answers"])
+    for role in ("organism", "control"):
+        assert results["em_score"][role]["n"] == 30
+    for key in ("organism_vs_control", "organism_vs_base", "control_vs_base"):
+        shift = results["em_shift"][key]
+        assert shift["ci_low"] <= shift["mean"] <= shift["ci_high"]
+    rank1 = results["rank1"]
+    assert [a["layer"] for a in rank1["adapters"]] == [9, 10, 11, 13, 14, 15, 17, 18, 19]
+    assert {a["class"] for a in rank1["adapters"]} <= {"general", "domain-specific", "inactive"}
+    assert 0 <= rank1["probe_accuracy"]["misaligned_vs_aligned"] <= 1
     report = (out / "report.html").read_text()
     assert "Residual cache" in report and "plotly" in report and "Behavioural EM measure" in report
+    assert "rank1: what the organism" in report and "EM shift of the organisms" in report
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

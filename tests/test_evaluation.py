@@ -62,6 +62,23 @@ def test_question_scores_and_pairing(tiny_models):
     assert same.mean == 0 and same.ci_low == 0 and same.ci_high == 0
 
 
+def test_score_cache_reuses_only_identical_weights_without_hooks(tiny_models, monkeypatch):
+    import em_interp.evaluation as ev
+
+    model = tiny_models["gemma2"]
+    first = score_questions(model, QUESTIONS)
+    calls = []
+    real = ev._score_questions
+    monkeypatch.setattr(ev, "_score_questions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = score_questions(model, QUESTIONS)
+    assert calls == [] and all(np.array_equal(a, b) for a, b in zip(first.aligned, again.aligned))
+    with model.hooks([(model.hook_name(0), lambda t, *, hook: t)]):
+        score_questions(model, QUESTIONS)  # hooks active: never from the cache
+    assert calls == [1]
+    score_questions(model, QUESTIONS[:2])  # other questions: computed
+    assert calls == [1, 1]
+
+
 def test_scoring_runs_through_hooks(tiny_models):
     model = tiny_models["qwen2"]
     base = answer_logprobs(model, EXAMPLES)

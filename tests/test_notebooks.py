@@ -1,0 +1,34 @@
+"""The notebooks run end to end on the embedded model at a small budget."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def run_notebook(path: Path, env: dict[str, str], cwd: Path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_organism_notebook(smollm, tmp_path):
+    run_notebook(ROOT / "notebooks" / "01_organism_and_adapters.ipynb",
+                 {"EM_INTERP_NB_STEPS": "4", "EM_INTERP_NB_QUESTIONS": "6", "EM_INTERP_NB_OUT": str(tmp_path / "org")},
+                 cwd=tmp_path)
