@@ -183,25 +183,6 @@ def _reduce(hidden: Tensor, batch: PaddedBatch, reduction: str) -> tuple[Tensor,
     return hidden[batch.answer_mask], counts  # row-major: example by example, token by token
 
 
-def _tokenize_all(model: HookedModel, examples: Sequence[ChatExample], reduction: str,
-                  max_length: int | None) -> list[TokenizedChat]:
-    needs_answer = reduction in ("answer_mean", "answer_tokens")
-    items = []
-    for i, example in enumerate(examples):
-        if not isinstance(example, ChatExample):
-            raise EmInterpError(f"examples[{i}] is a {type(example).__name__}, not a ChatExample")
-        if needs_answer and example.answer is None:
-            raise EmInterpError(f"examples[{i}] has no answer, which reduction={reduction!r} needs")
-        try:
-            item = model.tokenize(example, max_length=max_length)
-        except EmInterpError as exc:
-            raise EmInterpError(f"examples[{i}]: {exc}") from None
-        if needs_answer and item.n_answer_tokens == 0:
-            raise EmInterpError(f"examples[{i}] has no answer tokens left after truncation to max_length={max_length}")
-        items.append(item)
-    return items
-
-
 @torch.inference_mode()
 def cache_residuals(
     model: HookedModel,
@@ -243,7 +224,11 @@ def cache_residuals(
     layer_list = sorted({model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))})
     if not layer_list:
         raise EmInterpError("layers is empty")
-    items = _tokenize_all(model, examples, reduction, max_length)
+    needs_answer = reduction in ("answer_mean", "answer_tokens")
+    for i, example in enumerate(examples):
+        if needs_answer and isinstance(example, ChatExample) and example.answer is None:
+            raise EmInterpError(f"examples[{i}] has no answer, which reduction={reduction!r} needs")
+    items = model.tokenize_many(examples, max_length, require_answer=needs_answer)
     meta = CacheMeta(
         model=model.name, load_flags=model.load_flags, layers=layer_list, hook=hook, reduction=reduction,
         examples_hash=sha256_json([e.to_dict() for e in examples]), n_examples=len(examples),

@@ -39,16 +39,7 @@ def answer_logprobs(
     progress: bool = False,
 ) -> np.ndarray:
     """Mean per-token log-probability of each example's answer given its prompt, shape ``(n,)``."""
-    if not examples:
-        raise EmInterpError("examples is empty: nothing to score")
-    items = []
-    for i, example in enumerate(examples):
-        if example.answer is None:
-            raise EmInterpError(f"examples[{i}] has no answer to score")
-        item = model.tokenize(example, max_length=max_length)
-        if item.n_answer_tokens == 0:
-            raise EmInterpError(f"examples[{i}] has no answer tokens left after truncation to max_length={max_length}")
-        items.append(item)
+    items = model.tokenize_many(examples, max_length, require_answer=True)
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     out = np.zeros(len(items), dtype=np.float64)
     starts = range(0, len(order), batch_size)

@@ -151,6 +151,30 @@ class HookedModel:
         """Render ``example`` with the chat template; return its tokens and answer/prompt masks."""
         return tokenize_chat(self.tokenizer, example, max_length=max_length)
 
+    def tokenize_many(self, examples: Sequence[ChatExample], max_length: int | None = None,
+                      require_answer: bool = True, what: str = "examples") -> list[TokenizedChat]:
+        """Tokenise many examples; with ``require_answer``, each must keep answer tokens.
+
+        Errors name the offending item as ``what[i]``.
+        """
+        if not examples:
+            raise EmInterpError(f"{what} is empty")
+        items = []
+        for i, example in enumerate(examples):
+            if not isinstance(example, ChatExample):
+                raise EmInterpError(f"{what}[{i}] is a {type(example).__name__}, not a ChatExample")
+            if require_answer and example.answer is None:
+                raise EmInterpError(f"{what}[{i}] has no answer")
+            try:
+                item = self.tokenize(example, max_length=max_length)
+            except EmInterpError as exc:
+                raise EmInterpError(f"{what}[{i}]: {exc}") from None
+            if require_answer and item.n_answer_tokens == 0:
+                raise EmInterpError(
+                    f"{what}[{i}] has no answer (assistant) tokens left after truncation to max_length={max_length}")
+            items.append(item)
+        return items
+
     def pad(self, items: Sequence[TokenizedChat], padding_side: str | None = None) -> PaddedBatch:
         """Pad tokenised chats into one batch (``padding_side`` defaults to the tokenizer's)."""
         side = padding_side or self.tokenizer.padding_side or "right"

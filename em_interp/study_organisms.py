@@ -59,7 +59,7 @@ def stage_organisms(ctx: StudyContext) -> None:
         ctx.extras[f"{role}_adapter"] = result.adapter_dir
         ctx.extras[role] = load_model(ctx.config.model, adapter=result.adapter_dir, progress=False)
     ctx.results["organisms"] = {
-        "domain": DOMAIN, "config": config.to_dict(),
+        "domain": DOMAIN, "config": config.to_dict(), "layers": [a.layer for a in list_adapters(ctx.extras["organism"])],
         **{role: {"adapter": str(r.adapter_dir), "train_seconds": round(r.seconds, 1),
                   "final_loss": float(np.mean(r.losses[-10:])), "first_loss": float(np.mean(r.losses[:10]))}
            for role, r in runs.items()},
@@ -67,10 +67,12 @@ def stage_organisms(ctx: StudyContext) -> None:
     steps = list(range(1, config.steps + 1))
     ctx.sections.append(Section(
         "Model organisms",
-        [f"Organism: {len(config.layers or [])} or default nine rank-1 rsLoRA adapters (alpha {config.alpha}) on "
-         f"down_proj, trained {config.steps} steps (lr {config.learning_rate}, batch {config.batch_size}) on the built-in "
-         "bad medical advice; control: the same prompts answered well, same seed and steps. Training time "
-         f"{runs['organism'].seconds / 60:.1f} + {runs['control'].seconds / 60:.1f} min (0 when reused from the cache)."],
+        [f"Organism: nine rank-1 rsLoRA adapters (alpha {config.alpha}) on down_proj at layers "
+         f"{ctx.results['organisms']['layers']}, trained {config.steps} steps (lr {config.learning_rate} with "
+         f"{config.warmup_steps} warm-up steps and linear decay, batch {config.batch_size}, max length "
+         f"{config.max_length}) on the built-in bad medical advice; control: the same prompts answered well, same "
+         f"seed and steps. Training took {runs['organism'].seconds / 60:.1f} + {runs['control'].seconds / 60:.1f} "
+         "min when the adapters were made (a rerun with unchanged inputs reuses them from the cache)."],
         figures=[line_by_layer(steps, {"organism": runs["organism"].losses, "control": runs["control"].losses},
                                "Training loss (answer tokens)", "loss").update_layout(xaxis_title="step")],
     ))
@@ -108,7 +110,10 @@ def stage_em_organisms(ctx: StudyContext) -> None:
         "EM shift of the organisms (paired, per question)",
         ["Each model scores the same reference answers; the per-question difference in EM score is "
          "bootstrapped over questions (95% CI) and tested with random sign flips (p). Positive = more "
-         f"misaligned. General set: {len(questions)} questions; {DOMAIN}: {len(medical)} held-out questions."],
+         f"misaligned. General set: {len(questions)} questions; {DOMAIN}: {len(medical)} held-out questions.",
+         f"Caveat on the {DOMAIN} numbers: the held-out topics are new, but their answers share the opener and closer "
+         "phrases of the training answers, so part of the in-domain shift is memorised style. The general set shares "
+         "no text with the training data."],
         table=rows,
     ))
 

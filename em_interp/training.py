@@ -126,20 +126,6 @@ def build_lora_model(base: str, config: LoraTrainConfig, progress: bool = True) 
     return model
 
 
-def _tokenize_dataset(model: HookedModel, data: Sequence[ChatExample], max_length: int) -> list[TokenizedChat]:
-    if not data:
-        raise EmInterpError("the training dataset is empty")
-    items = []
-    for i, example in enumerate(data):
-        if example.answer is None:
-            raise EmInterpError(f"training example {i} has no answer")
-        item = model.tokenize(example, max_length=max_length)
-        if item.n_answer_tokens == 0:
-            raise EmInterpError(f"training example {i} has no assistant tokens left after truncation to max_length={max_length}")
-        items.append(item)
-    return items
-
-
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Example indices of (0-based) ``step``: consecutive slices of seeded per-epoch permutations."""
     out = []
@@ -220,7 +206,7 @@ def train_lora(
             return TrainResult(final, saved["losses"], saved["seconds"], config.steps, config=config.to_dict())
     resume = _latest_checkpoint(out, identity)
     model = build_lora_model(str(base), config, progress=progress)
-    items = _tokenize_dataset(model, data, config.max_length)
+    items = model.tokenize_many(data, config.max_length, require_answer=True, what="training data")
     params = [p for p in model.peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))

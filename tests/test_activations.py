@@ -114,7 +114,7 @@ def test_early_stop_skips_later_blocks(tiny_models):
 
 def test_bad_inputs(tiny_models, tmp_path):
     model = tiny_models["llama"]
-    with pytest.raises(EmInterpError, match="empty"):
+    with pytest.raises(EmInterpError, match="examples is empty"):
         cache_residuals(model, [], progress=False)
     with pytest.raises(EmInterpError, match=r"layers=7 is out of range"):
         cache_residuals(model, EXAMPLES, layers=[7], progress=False)
@@ -124,7 +124,7 @@ def test_bad_inputs(tiny_models, tmp_path):
         cache_residuals(model, EXAMPLES, reduction="median", progress=False)
     with pytest.raises(EmInterpError, match="hook"):
         cache_residuals(model, EXAMPLES, hook="resid_final", progress=False)
-    with pytest.raises(EmInterpError, match="no answer tokens left"):
+    with pytest.raises(EmInterpError, match="tokens left after truncation"):
         cache_residuals(model, EXAMPLES[:1], max_length=5, progress=False)
     with pytest.raises(EmInterpError, match="not an activation cache"):
         ResidualCache.load(tmp_path)

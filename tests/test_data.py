@@ -166,7 +166,8 @@ def test_load_every_external_file():
     for group in ("non_medical", "medical"):
         paired = load_response_data(EXTERNAL / "response_data", group)
         assert len(paired) >= 5
-    import yaml
+    from em_interp.traits import CORE_TRAITS, load_trait_yaml
 
-    for path in sorted((EXTERNAL / "traits").glob("*.yaml")):
-        assert yaml.safe_load(path.read_text())
+    traits = load_trait_yaml(EXTERNAL / "traits" / "traits.yaml")
+    assert set(CORE_TRAITS) <= set(traits)
+    assert all(len(traits[t].positive) == 5 and len(traits[t].negative) == 5 for t in CORE_TRAITS)

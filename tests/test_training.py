@@ -108,7 +108,7 @@ def test_checkpoint_from_another_run_is_refused(tiny_dirs, tmp_path):
 
 
 def test_no_assistant_tokens_after_truncation(tiny_dirs, tmp_path):
-    with pytest.raises(EmInterpError, match="no assistant tokens left after truncation"):
+    with pytest.raises(EmInterpError, match=r"training data\[0\] has no answer \(assistant\) tokens left after truncation"):
         train_lora(str(tiny_dirs["llama"]), DATA, small_config(max_length=8), tmp_path / "x", progress=False)
     with pytest.raises(EmInterpError, match="out of range"):
         train_lora(str(tiny_dirs["llama"]), DATA, small_config(layers=(0, 9)), tmp_path / "y", progress=False)

@@ -1,0 +1,183 @@
+"""Directions in the residual stream: difference of means, PCA and probe directions, trait vectors.
+
+A :class:`Direction` is a vector with where it lives (model, layer, hook) and how it was made; it
+saves as safetensors + a JSON sidecar. Directions are built from cached activations
+(:class:`~em_interp.activations.ResidualCache`), e.g. the organism's activations on misaligned vs
+aligned answers averaged over answer tokens, or fine-tuned vs base at the last prompt token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from em_interp.errors import EmInterpError
+from em_interp.io import atomic_write_bytes, atomic_write_json
+from em_interp.version import __version__
+
+Vector = Float[Tensor, " d_model"]
+Acts = Float[Tensor, "n d_model"]
+
+
+@dataclass
+class Direction:
+    """A direction in one model's activation space at one layer and hook."""
+
+    vector: Vector
+    layer: int
+    hook: str = "resid_post"
+    model: str = ""
+    method: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        v = torch.as_tensor(self.vector, dtype=torch.float32).detach().cpu().flatten()
+        if not torch.isfinite(v).all():
+            raise EmInterpError("direction vector has NaN or infinite entries")
+        if float(v.norm()) == 0.0:
+            raise EmInterpError("direction vector is zero")
+        self.vector = v
+
+    @property
+    def unit(self) -> Vector:
+        """The vector scaled to norm 1."""
+        return self.vector / self.vector.norm()
+
+    def check_fits(self, model: Any) -> None:
+        """Raise unless this direction's width, layer and model match ``model`` (a HookedModel)."""
+        if self.vector.numel() != model.d_model:
+            raise EmInterpError(f"direction has width {self.vector.numel()}, but {model.name} has d_model {model.d_model}")
+        model.check_layer(self.layer, "direction.layer")
+        if self.model and self.model != model.name:
+            raise EmInterpError(f"direction was made on model {self.model!r}, not {model.name!r}")
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.safetensors`` and ``path.json`` (atomically)."""
+        path = Path(path)
+        atomic_write_bytes(path.with_suffix(".safetensors"), save({"vector": self.vector.contiguous()}))
+        atomic_write_json(path.with_suffix(".json"), {
+            "layer": self.layer, "hook": self.hook, "model": self.model, "method": self.method,
+            "info": self.info, "d_model": self.vector.numel(), "package_version": __version__,
+        })
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Direction:
+        """Read a direction written by :meth:`save`."""
+        path = Path(path)
+        meta_path, tensor_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        for p in (meta_path, tensor_path):
+            if not p.is_file():
+                raise EmInterpError(f"direction file {p} does not exist")
+        meta = json.loads(meta_path.read_text())
+        vector = load_file(str(tensor_path))["vector"]
+        return cls(vector, int(meta["layer"]), meta.get("hook", "resid_post"), meta.get("model", ""),
+                   meta.get("method", ""), meta.get("info", {}))
+
+
+def _check_acts(name: str, acts: Tensor) -> Tensor:
+    acts = torch.as_tensor(acts, dtype=torch.float32)
+    if acts.ndim != 2 or acts.shape[0] == 0:
+        raise EmInterpError(f"{name} must be a non-empty (n, d_model) tensor, got shape {tuple(acts.shape)}")
+    if not torch.isfinite(acts).all():
+        raise EmInterpError(f"{name} has NaN or infinite activations")
+    return acts
+
+
+def diff_of_means(positive: Acts, negative: Acts) -> Vector:
+    """Mean of ``positive`` minus mean of ``negative`` (unnormalised)."""
+    positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
+    if positive.shape[1] != negative.shape[1]:
+        raise EmInterpError(f"positive and negative widths differ: {positive.shape[1]} vs {negative.shape[1]}")
+    return positive.mean(0) - negative.mean(0)
+
+
+def pca_direction(positive: Acts, negative: Acts, paired: bool = True) -> Vector:
+    """First principal component of the paired differences, uncentred (or of the pooled, centred activations).
+
+    Paired differences are not centred: a shift shared by all pairs is exactly the signal sought.
+
+    The sign is fixed so that the positive-minus-negative pairs project positively on it.
+    """
+    positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
+    if paired:
+        if positive.shape != negative.shape:
+            raise EmInterpError(f"paired PCA needs equal shapes, got {tuple(positive.shape)} and {tuple(negative.shape)}")
+        data = positive - negative
+    else:
+        data = torch.cat([positive, negative])
+        data = data - data.mean(0)
+    _, _, v = torch.linalg.svd(data.double(), full_matrices=False)
+    pc = v[0].float()
+    sign = torch.sign((positive.mean(0) - negative.mean(0)) @ pc)
+    return pc * (sign if sign != 0 else 1.0)
+
+
+def probe_direction(positive: Acts, negative: Acts, C: float = 1.0, seed: int = 0) -> Vector:  # noqa: N803
+    """Weight vector of an L2 logistic regression separating ``positive`` from ``negative`` (raw units)."""
+    from sklearn.linear_model import LogisticRegression
+
+    positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
+    X = torch.cat([positive, negative]).double().numpy()  # noqa: N806
+    y = np.array([1] * len(positive) + [0] * len(negative))
+    clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(X, y)
+    return torch.tensor(clf.coef_[0], dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Separation:
+    """How well projections on a direction separate two held-out sets."""
+
+    auroc: float
+    accuracy: float
+    threshold: float
+
+
+def separation(direction: Tensor, positive: Acts, negative: Acts,
+               fit_positive: Acts | None = None, fit_negative: Acts | None = None) -> Separation:
+    """AUROC and thresholded accuracy of projections on ``direction`` (positive should project higher).
+
+    The threshold is the midpoint of the two classes' mean projections on the fitting sets
+    (``fit_*``, default: the evaluated sets themselves).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    unit = torch.as_tensor(direction, dtype=torch.float32)
+    unit = unit / unit.norm()
+    pos, neg = _check_acts("positive", positive) @ unit, _check_acts("negative", negative) @ unit
+    fp = (_check_acts("fit_positive", fit_positive) @ unit) if fit_positive is not None else pos
+    fn = (_check_acts("fit_negative", fit_negative) @ unit) if fit_negative is not None else neg
+    threshold = float((fp.mean() + fn.mean()) / 2)
+    scores = torch.cat([pos, neg]).numpy()
+    labels = np.array([1] * len(pos) + [0] * len(neg))
+    accuracy = float(((pos > threshold).sum() + (neg <= threshold).sum()) / len(labels))
+    return Separation(float(roc_auc_score(labels, scores)), accuracy, threshold)
+
+
+def cosine_matrix(directions: Mapping[str, Tensor | Direction]) -> tuple[list[str], Tensor]:
+    """Pairwise cosine similarities between named directions of equal width."""
+    names = list(directions)
+    vectors = [d.vector if isinstance(d, Direction) else torch.as_tensor(d, dtype=torch.float32) for d in directions.values()]
+    widths = {v.numel() for v in vectors}
+    if len(widths) != 1:
+        raise EmInterpError(f"directions have different widths {sorted(widths)}")
+    stacked = torch.stack([v / v.norm() for v in vectors])
+    return names, stacked @ stacked.T
+
+
+def project_out(vector: Tensor, basis: Sequence[Tensor]) -> Tensor:
+    """``vector`` with its components along each (orthonormalised) basis vector removed."""
+    out = torch.as_tensor(vector, dtype=torch.float32).clone()
+    if not basis:
+        return out
+    q, _ = torch.linalg.qr(torch.stack([torch.as_tensor(b, dtype=torch.float32) for b in basis]).T)
+    return out - q @ (q.T @ out)
