@@ -12,7 +12,9 @@ Layer convention: layer ``l`` = output of block ``l`` = TransformerLens ``blocks
 
 from em_interp.activations import REDUCTIONS, CacheMeta, ResidualCache, cache_residuals
 from em_interp.chat import ChatExample, TokenizedChat, tokenize_chat
+from em_interp.directions import Direction
 from em_interp.errors import EmInterpError, ModelLoadError, NetworkDisabledError
+from em_interp.interventions import ablate, steer
 from em_interp.loading import DEFAULT_MODEL, KNOWN_MODELS, cache_dir
 from em_interp.model import HookedModel, load_model
 from em_interp.version import __version__
@@ -23,6 +25,7 @@ __all__ = [
     "REDUCTIONS",
     "CacheMeta",
     "ChatExample",
+    "Direction",
     "EmInterpError",
     "HookedModel",
     "ModelLoadError",
@@ -30,8 +33,10 @@ __all__ = [
     "ResidualCache",
     "TokenizedChat",
     "__version__",
+    "ablate",
     "cache_dir",
     "cache_residuals",
     "load_model",
+    "steer",
     "tokenize_chat",
 ]

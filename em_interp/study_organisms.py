@@ -155,9 +155,9 @@ def stage_rank1(ctx: StudyContext) -> None:
     domain_y = np.array([1] * len(med_mis) + [0] * len(gen_mis_rows))
     probe_domain = fit_probe(domain_X, domain_y, C=PROBE_C, seed=seed)
     classes = classify_adapters(probe_general, probe_domain)
-    # per-adapter ablation on a subset (two general questions per category, half the medical ones):
+    # per-adapter ablation on a subset (one general question per category, half the medical ones):
     # EM change of the organism with one adapter zeroed, paired per question against the organism
-    sub_general = general[::6] if not ctx.config.quick else general[::3]
+    sub_general = general[::12] if not ctx.config.quick else general[::3]
     sub_medical = medical[::2]
     ref = {"general": score_questions(organism, sub_general), DOMAIN: score_questions(organism, sub_medical)}
 
