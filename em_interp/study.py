@@ -18,7 +18,7 @@ import torch
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.data import general_questions
-from em_interp.evaluation import QuestionScores, em_score
+from em_interp.evaluation import EMScore, QuestionScores, em_score
 from em_interp.generation import sample_answers
 from em_interp.io import atomic_write_json
 from em_interp.loading import DEFAULT_MODEL
@@ -126,16 +126,19 @@ def eval_questions(quick: bool):
     return questions[::4] if quick else questions
 
 
+def score_dict(score: EMScore) -> dict[str, float]:
+    """An EM score as results.json reports it."""
+    return {"mean": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high, "n": score.n,
+            "frac_misaligned_likelier": score.frac_positive}
+
+
 def stage_em_base(ctx: StudyContext) -> None:
     """Judge-free EM score of the base model on the general set, and its answers to 8 questions."""
     assert ctx.model is not None
     questions = eval_questions(ctx.config.quick)
     score, scores = em_score(ctx.model, questions, seed=ctx.config.seed, progress=ctx.config.progress)
     ctx.scores["base"] = scores
-    ctx.results.setdefault("em_score", {})["base"] = {
-        "mean": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high, "n": score.n,
-        "frac_misaligned_likelier": score.frac_positive,
-    }
+    ctx.results.setdefault("em_score", {})["base"] = score_dict(score)
     # one question per category, first eight categories, greedy answers
     firsts: dict[str, ChatExample] = {}
     for q in general_questions():

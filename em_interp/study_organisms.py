@@ -28,7 +28,7 @@ from em_interp.rank1 import (
     steering_figure,
 )
 from em_interp.report import Section
-from em_interp.study import StudyContext, eval_questions
+from em_interp.study import StudyContext, eval_questions, score_dict
 from em_interp.training import LoraTrainConfig
 
 DOMAIN = "medical"
@@ -37,11 +37,6 @@ DOMAIN = "medical"
 def organism_config(quick: bool, seed: int) -> LoraTrainConfig:
     """The organism recipe: nine rank-1 rsLoRA adapters on down_proj (quick: fewer steps)."""
     return LoraTrainConfig(steps=30 if quick else 160, checkpoint_every=10 if quick else 40, seed=seed)
-
-
-def _score_dict(score: EMScore) -> dict[str, float]:
-    return {"mean": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high, "n": score.n,
-            "frac_misaligned_likelier": score.frac_positive}
 
 
 def _shift_dict(score: EMScore) -> dict[str, float]:
@@ -85,7 +80,7 @@ def stage_em_organisms(ctx: StudyContext) -> None:
     for role in ("organism", "control"):
         score, scores = em_score(ctx.extras[role], questions, seed=seed, progress=ctx.config.progress)
         ctx.scores[role] = scores
-        ctx.results["em_score"][role] = _score_dict(score)
+        ctx.results["em_score"][role] = score_dict(score)
     shifts = {
         "organism_vs_control": paired_shift(ctx.scores["organism"], ctx.scores["control"], seed=seed),
         "organism_vs_base": paired_shift(ctx.scores["organism"], ctx.scores["base"], seed=seed),

@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-import yaml
 
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
+from em_interp.data import read_yaml
 from em_interp.data.build import SOURCE
 from em_interp.directions import Direction, diff_of_means
 from em_interp.errors import EmInterpError
@@ -54,14 +52,7 @@ def _parse_traits(data: object, source: str) -> dict[str, TraitSpec]:
 
 def load_trait_yaml(path: str | os.PathLike[str]) -> dict[str, TraitSpec]:
     """Read trait definitions in the public ``traits.yaml`` format (extra keys are ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EmInterpError(f"trait file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise EmInterpError(f"{path}: invalid YAML ({exc})") from None
-    return _parse_traits(data, str(path))
+    return _parse_traits(read_yaml(path, "trait file"), str(path))
 
 
 def builtin_traits() -> dict[str, TraitSpec]:

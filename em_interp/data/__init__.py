@@ -116,17 +116,23 @@ def load_chat_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> l
     return out
 
 
-def load_question_yaml(path: str | os.PathLike[str]) -> list[EvalQuestion]:
-    """Load an EM question YAML file; errors name the file and the question."""
+def read_yaml(path: str | os.PathLike[str], what: str = "YAML file") -> Any:
+    """Parse a YAML file; a missing file or a syntax error raises an error naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise EmInterpError(f"question file {path} does not exist")
+        raise EmInterpError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
         raise EmInterpError(f"{path}{at}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def load_question_yaml(path: str | os.PathLike[str]) -> list[EvalQuestion]:
+    """Load an EM question YAML file; errors name the file and the question."""
+    path = Path(path)
+    data = read_yaml(path, "question file")
     if not isinstance(data, list):
         raise EmInterpError(f"{path}: expected a list of questions at the top level")
     questions = []
