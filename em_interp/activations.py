@@ -224,11 +224,7 @@ def cache_residuals(
     layer_list = sorted({model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))})
     if not layer_list:
         raise EmInterpError("layers is empty")
-    needs_answer = reduction in ("answer_mean", "answer_tokens")
-    for i, example in enumerate(examples):
-        if needs_answer and isinstance(example, ChatExample) and example.answer is None:
-            raise EmInterpError(f"examples[{i}] has no answer, which reduction={reduction!r} needs")
-    items = model.tokenize_many(examples, max_length, require_answer=needs_answer)
+    items = model.tokenize_many(examples, max_length, require_answer=reduction in ("answer_mean", "answer_tokens"))
     meta = CacheMeta(
         model=model.name, load_flags=model.load_flags, layers=layer_list, hook=hook, reduction=reduction,
         examples_hash=sha256_json([e.to_dict() for e in examples]), n_examples=len(examples),
