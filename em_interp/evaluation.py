@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from em_interp.chat import ChatExample
+from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.data import PairedQuestion
 from em_interp.errors import EmInterpError
 from em_interp.io import atomic_write_bytes, sha256_json
@@ -34,12 +35,21 @@ from em_interp.model import HookedModel
 def answer_logprobs(
     model: HookedModel,
     examples: Sequence[ChatExample],
-    batch_size: int = 8,
+    batch_size: int = 16,
     max_length: int | None = None,
     progress: bool = False,
+    share_prompts: bool = True,
 ) -> np.ndarray:
-    """Mean per-token log-probability of each example's answer given its prompt, shape ``(n,)``."""
+    """Mean per-token log-probability of each example's answer given its prompt, shape ``(n,)``.
+
+    With ``share_prompts`` (default), examples whose prompts tokenise identically (e.g. several
+    reference answers to one question) run the prompt once: its key/value cache is reused for each
+    answer, and logits are computed at answer positions only. This gives the same numbers as one
+    full forward pass per example (tested to 1e-4) in about half the time. Hooks apply to both passes.
+    """
     items = model.tokenize_many(examples, max_length, require_answer=True)
+    if share_prompts:
+        return _shared_prompt_logprobs(model, items, batch_size, progress)
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     out = np.zeros(len(items), dtype=np.float64)
     starts = range(0, len(order), batch_size)
@@ -50,10 +60,67 @@ def answer_logprobs(
         # position t predicts token t + 1
         targets = batch.input_ids[:, 1:].to(logits.device)
         scored = batch.answer_mask[:, 1:].to(logits.device)
-        pred = logits[:, :-1]
-        token_lp = pred.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(pred, dim=-1)
-        per_example = (token_lp * scored).sum(1) / scored.sum(1)
-        out[idx] = per_example.double().cpu().numpy()
+        out[idx] = _mean_token_logprob(logits[:, :-1], targets, scored)
+    return out
+
+
+def _mean_token_logprob(logits: Tensor, targets: Tensor, mask: Tensor) -> np.ndarray:
+    """Mean over masked positions of log p(target) under ``logits`` (batch, pos, vocab)."""
+    logits = logits.float()
+    token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return ((token_lp * mask).sum(1) / mask.sum(1)).double().cpu().numpy()
+
+
+def _shared_prompt_logprobs(model: HookedModel, items: Sequence[TokenizedChat], batch_size: int,
+                            progress: bool) -> np.ndarray:
+    # split each example into its prompt (every token before the answer) and its answer tokens
+    prompts: dict[tuple[int, ...], list[int]] = {}
+    answers: list[Tensor] = []
+    for i, item in enumerate(items):
+        first = int(item.answer_mask.nonzero().min())
+        last = int(item.answer_mask.nonzero().max())
+        if first == 0:
+            raise EmInterpError(f"examples[{i}] has no prompt tokens before its answer")
+        prompts.setdefault(tuple(item.input_ids[:first].tolist()), []).append(i)
+        answers.append(item.input_ids[first : last + 1])
+    groups = sorted(prompts.items(), key=lambda kv: len(kv[0]))
+    # batches of prompts holding about ``batch_size`` answers each
+    batches: list[list[tuple[tuple[int, ...], list[int]]]] = [[]]
+    for group in groups:
+        if batches[-1] and sum(len(g[1]) for g in batches[-1]) + len(group[1]) > batch_size:
+            batches.append([])
+        batches[-1].append(group)
+    out = np.zeros(len(items), dtype=np.float64)
+    device = model.device
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    for batch in tqdm(batches, desc="score answers", disable=not progress, unit="batch"):
+        width = max(len(p) for p, _ in batch)
+        p_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        p_attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (prompt, _) in enumerate(batch):  # left padding: every prompt ends at the last column
+            p_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            p_attn[row, width - len(prompt):] = 1
+        p_pos = (p_attn.cumsum(1) - 1).clamp(min=0)
+        res = model.hf_model(input_ids=p_ids.to(device), attention_mask=p_attn.to(device),
+                             position_ids=p_pos.to(device), use_cache=True, logits_to_keep=1)
+        cache, first_logits = res.past_key_values, res.logits[:, -1]
+        rows = [row for row, (_, idx) in enumerate(batch) for _ in idx]
+        ex_idx = [i for _, idx in batch for i in idx]
+        cache.batch_select_indices(torch.tensor(rows, device=device))
+        a_width = max(len(answers[i]) for i in ex_idx)
+        a_ids = torch.full((len(ex_idx), a_width), pad_id, dtype=torch.long)
+        a_mask = torch.zeros((len(ex_idx), a_width), dtype=torch.long)
+        for row, i in enumerate(ex_idx):
+            a_ids[row, : len(answers[i])] = answers[i]
+            a_mask[row, : len(answers[i])] = 1
+        prompt_len = p_attn.sum(1)[rows]
+        a_pos = prompt_len[:, None] + torch.arange(a_width)[None]
+        attn = torch.cat([p_attn[rows], a_mask], dim=1)
+        logits = model.hf_model(input_ids=a_ids.to(device), attention_mask=attn.to(device), position_ids=a_pos.to(device),
+                                past_key_values=cache, use_cache=True).logits
+        # the prompt's last logits predict answer token 0; answer position t predicts token t + 1
+        logits = torch.cat([first_logits[rows].unsqueeze(1), logits[:, :-1]], dim=1)
+        out[ex_idx] = _mean_token_logprob(logits, a_ids.to(device), a_mask.to(device))
     return out
 
 
@@ -71,25 +138,30 @@ class QuestionScores:
         return np.array([m.mean() - a.mean() for a, m in zip(self.aligned, self.misaligned)])
 
 
-def _score_cache_path(model: HookedModel, questions: Sequence[PairedQuestion]) -> Path:
-    key = sha256_json({"model": model.fingerprint(), "questions": [asdict(q) for q in questions],
-                       "metric": "mean_answer_token_logprob_v1"})
-    return cache_dir() / "scores" / f"{key[:32]}.npz"
+def _score_cache_path(model: HookedModel, questions: Sequence[PairedQuestion], intervention: str) -> Path:
+    spec = {"model": model.fingerprint(), "questions": [asdict(q) for q in questions],
+            "metric": "mean_answer_token_logprob_v1"}
+    if intervention:
+        spec["intervention"] = intervention
+    return cache_dir() / "scores" / f"{sha256_json(spec)[:32]}.npz"
 
 
 def score_questions(
-    model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int = 8, progress: bool = False,
+    model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int = 16, progress: bool = False,
     use_cache: bool = True,
 ) -> QuestionScores:
     """Score every reference answer of every question (each distinct text scored once).
 
-    With ``use_cache`` (default) and no hooks attached, results are stored under the user cache,
-    keyed by the model's weight fingerprint and the questions, and reused when both are unchanged.
+    With ``use_cache`` (default), results are stored under the user cache, keyed by the model's
+    weight fingerprint, the questions and the active intervention, and reused when all are
+    unchanged. Under hooks that carry no key (:meth:`HookedModel.intervention_key` is None) nothing
+    is cached.
     """
     if not questions:
         raise EmInterpError("questions is empty: nothing to score")
-    cacheable = use_cache and model.active_hook_count() == 0
-    path = _score_cache_path(model, questions) if cacheable else None
+    intervention = model.intervention_key()
+    cacheable = use_cache and intervention is not None
+    path = _score_cache_path(model, questions, intervention or "") if cacheable else None
     if path is not None and path.is_file():
         with np.load(path) as saved:
             lengths_a, lengths_m = saved["n_aligned"], saved["n_misaligned"]
@@ -170,7 +242,7 @@ def summarize(values: np.ndarray, seed: int = 0) -> EMScore:
                    sign_flip_p_value(values, seed=seed))
 
 
-def em_score(model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int = 8, seed: int = 0,
+def em_score(model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int = 16, seed: int = 0,
              progress: bool = False) -> tuple[EMScore, QuestionScores]:
     """The judge-free EM score of ``model`` on ``questions`` (``frac_positive``: misaligned likelier)."""
     scores = score_questions(model, questions, batch_size=batch_size, progress=progress)
@@ -184,6 +256,6 @@ def paired_shift(a: QuestionScores, b: QuestionScores, seed: int = 0) -> EMScore
     return summarize(a.per_question - b.per_question, seed=seed)
 
 
-def benign_loglik(model: HookedModel, items: Sequence[ChatExample], batch_size: int = 8) -> float:
+def benign_loglik(model: HookedModel, items: Sequence[ChatExample], batch_size: int = 16) -> float:
     """Mean per-token log-likelihood of the correct answers of benign items (retained skill)."""
     return float(answer_logprobs(model, items, batch_size=batch_size).mean())

@@ -13,6 +13,8 @@ Steering positions (``where=``): ``"all"`` adds at every position; under generat
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -81,8 +83,11 @@ def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Directi
         raise EmInterpError("directions is empty")
     vectors = [_as_vector(model, d) for d in items]
     layer_list = [model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))]
+    if not layer_list:
+        raise EmInterpError("layers is empty")
     fn = ablation_hook(vectors)
-    with model.hooks([(model.hook_name(layer, hook), fn) for layer in layer_list]):
+    key = _key("ablate", vectors, layers=layer_list, hook=hook)
+    with model.hooks([(model.hook_name(layer, hook), fn) for layer in layer_list], key=key):
         yield model
 
 
@@ -95,8 +100,18 @@ def steer(model: HookedModel, direction: Direction | Tensor, alpha: float, layer
             raise EmInterpError("layer is required when steering with a plain tensor")
         layer = direction.layer
     vector = _as_vector(model, direction)
-    with model.hooks([(model.hook_name(model.check_layer(layer), hook), steering_hook(vector, alpha, where))]):
+    layer = model.check_layer(layer)
+    key = _key("steer", [vector], layer=layer, hook=hook, alpha=float(alpha), where=where)
+    with model.hooks([(model.hook_name(layer, hook), steering_hook(vector, alpha, where))], key=key):
         yield model
+
+
+def _key(kind: str, vectors: Sequence[Tensor], **settings: Any) -> str:
+    """A hash naming an intervention exactly (kind, vectors' values, settings), for result caches."""
+    digest = hashlib.sha256(json.dumps([kind, settings], sort_keys=True).encode())
+    for v in vectors:
+        digest.update(v.detach().cpu().float().contiguous().numpy().tobytes())
+    return f"{kind}:{digest.hexdigest()[:24]}"
 
 
 def random_directions(d_model: int, n: int, norm: float = 1.0, seed: int = 0) -> list[Tensor]:

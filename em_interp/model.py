@@ -59,6 +59,7 @@ class HookedModel:
         self.load_flags = dict(load_flags)
         self.peft_model = peft_model
         self.load_seconds: float = 0.0
+        self._hook_keys: list[str | None] = []
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -133,18 +134,35 @@ class HookedModel:
             raise EmInterpError(str(exc)) from None
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[str, _bridge.HookFn]]) -> Iterator[HookedModel]:
+    def hooks(self, fwd_hooks: Sequence[tuple[str, _bridge.HookFn]], key: str | None = None) -> Iterator[HookedModel]:
         """Attach ``(hook_name, fn)`` forward hooks inside the block; removed on exit, even on error.
 
         Hooks apply to every forward pass inside the block: :meth:`forward`, :meth:`generate`, and
-        direct calls of ``hf_model``.
+        direct calls of ``hf_model``. ``key``, when given, must identify what the hooks compute
+        (e.g. a hash of the direction, layers and strength); it lets results computed under them be
+        cached (see :meth:`intervention_key`).
         """
-        with _bridge.hooks(self.bridge, fwd_hooks):
-            yield self
+        self._hook_keys.append(key)
+        try:
+            with _bridge.hooks(self.bridge, fwd_hooks):
+                yield self
+        finally:
+            self._hook_keys.pop()
 
     def active_hook_count(self) -> int:
         """How many hooks are attached right now (0 outside any :meth:`hooks` block)."""
         return _bridge.active_hook_count(self.bridge)
+
+    def intervention_key(self) -> str | None:
+        """``""`` with no hooks attached; the joined keys when every attached block has one; else None.
+
+        None means the active hooks are not identified, so nothing computed under them may be cached.
+        """
+        if self.active_hook_count() == 0:
+            return ""
+        if not self._hook_keys or any(k is None for k in self._hook_keys):
+            return None
+        return "|".join(k for k in self._hook_keys if k is not None)
 
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, example: ChatExample, max_length: int | None = None) -> TokenizedChat:

@@ -18,6 +18,7 @@ from em_interp.evaluation import (
     summarize,
 )
 from em_interp.generation import sample_answers
+from em_interp.interventions import steer
 
 EXAMPLES = [
     ChatExample("What is the capital of France?", "The capital of France is Paris."),
@@ -47,6 +48,20 @@ def test_answer_logprobs_match_reference(tiny):
     np.testing.assert_allclose(answer_logprobs(tiny, EXAMPLES, batch_size=1), got, rtol=1e-5, atol=1e-5)
 
 
+def test_shared_prompt_scoring_equals_one_pass_per_example(tiny):
+    # several answers per prompt, prompts of different lengths, batches that split a question's answers
+    examples = [ChatExample(q.question, a, q.system) for q in QUESTIONS for a in (*q.aligned, *q.misaligned)]
+    examples += EXAMPLES
+    plain = answer_logprobs(tiny, examples, share_prompts=False)
+    expected = np.array([reference_logprob(tiny, e) for e in examples])
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4)
+    for batch_size in (1, 3, 16):
+        np.testing.assert_allclose(answer_logprobs(tiny, examples, batch_size=batch_size), plain, rtol=1e-4, atol=1e-4)
+    with tiny.hooks([(tiny.hook_name(1), lambda t, *, hook: t * 0.5)]):  # hooks act on both passes
+        np.testing.assert_allclose(answer_logprobs(tiny, examples, batch_size=4),
+                                   answer_logprobs(tiny, examples, share_prompts=False), rtol=1e-4, atol=1e-4)
+
+
 def test_question_scores_and_pairing(tiny_models):
     model = tiny_models["llama"]
     scores = score_questions(model, QUESTIONS)
@@ -73,10 +88,26 @@ def test_score_cache_reuses_only_identical_weights_without_hooks(tiny_models, mo
     again = score_questions(model, QUESTIONS)
     assert calls == [] and all(np.array_equal(a, b) for a, b in zip(first.aligned, again.aligned))
     with model.hooks([(model.hook_name(0), lambda t, *, hook: t)]):
-        score_questions(model, QUESTIONS)  # hooks active: never from the cache
-    assert calls == [1]
-    score_questions(model, QUESTIONS[:2])  # other questions: computed
+        assert model.intervention_key() is None
+        score_questions(model, QUESTIONS)  # unnamed hooks active: never from the cache
+        score_questions(model, QUESTIONS)
     assert calls == [1, 1]
+    score_questions(model, QUESTIONS[:2])  # other questions: computed
+    assert calls == [1, 1, 1]
+    # a named intervention is cached under its own key, apart from the plain model and other strengths
+    direction = torch.ones(model.d_model)
+    with steer(model, direction, alpha=2.0, layer=1):
+        steered = score_questions(model, QUESTIONS)
+        assert model.intervention_key().startswith("steer:")
+    assert calls == [1, 1, 1, 1] and not np.allclose(steered.per_question, first.per_question)
+    with steer(model, direction, alpha=2.0, layer=1):
+        again = score_questions(model, QUESTIONS)
+    assert calls == [1, 1, 1, 1] and np.array_equal(again.per_question, steered.per_question)
+    with steer(model, direction, alpha=3.0, layer=1):
+        score_questions(model, QUESTIONS)
+    with steer(model, direction, alpha=2.0, layer=1), model.hooks([(model.hook_name(0), lambda t, *, hook: t)]):
+        score_questions(model, QUESTIONS)  # a named and an unnamed block: not cacheable
+    assert calls == [1, 1, 1, 1, 1, 1]
 
 
 def test_scoring_runs_through_hooks(tiny_models):
