@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hugging Face folder or .gguf file")
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    study.add_argument("--transfer", action="store_true",
+                       help="add cross-model transfer from Gemma-3-270M (needs the 'gemma' extra; trains a donor organism)")
     responses = sub.add_parser(
         "score-responses",
         help="judge-free EM score of a model on real answers grouped by question (response_data parquet files)",
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from em_interp.study import StudyConfig, run_study
 
         config = StudyConfig(out=args.out, quick=args.quick, model=args.model, seed=args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, transfer=args.transfer)
         try:
             results = run_study(config)
         except EmInterpError as exc:

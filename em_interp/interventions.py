@@ -15,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from em_interp import _bridge
+from em_interp.adapters import lora_parameters
 from em_interp.directions import Direction
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
@@ -36,13 +39,23 @@ def _unit(vector: Tensor) -> Tensor:
     return v / norm
 
 
-def ablation_hook(directions: Sequence[Tensor]):
-    """A hook that projects the span of ``directions`` out of the activation."""
+def ablation_hook(directions: Sequence[Tensor], reference: Tensor | None = None):
+    """A hook that projects the span of ``directions`` out of the activation.
+
+    With ``reference`` (an activation vector, e.g. a mean activation of another model or dataset),
+    the component along the span is set to the reference's component instead of zero ("mean
+    ablation"): ``h - ((h - reference) Q) Q^T``.
+    """
     q, _ = torch.linalg.qr(torch.stack([_unit(d) for d in directions]).T)  # (d_model, k), orthonormal
+    ref = None if reference is None else torch.as_tensor(reference, dtype=torch.float32).flatten()
+    if ref is not None and (ref.numel() != q.shape[0] or not torch.isfinite(ref).all()):
+        raise EmInterpError(f"reference must be a finite vector of width {q.shape[0]}, got {ref.numel()} entries")
+    kept = None if ref is None else (ref @ q) @ q.T
 
     def hook(tensor: Tensor, *, hook: Any) -> Tensor:
         basis = q.to(tensor.device, tensor.dtype)
-        return tensor - (tensor @ basis) @ basis.T
+        out = tensor - (tensor @ basis) @ basis.T
+        return out if kept is None else out + kept.to(tensor.device, tensor.dtype)
 
     return hook
 
@@ -76,8 +89,13 @@ def _as_vector(model: HookedModel, direction: Direction | Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
-           layers: Sequence[int] | None = None, hook: str = "resid_post") -> Iterator[HookedModel]:
-    """Project one or more directions out of ``hook`` at ``layers`` (default: every layer)."""
+           layers: Sequence[int] | None = None, hook: str = "resid_post",
+           reference: Tensor | None = None) -> Iterator[HookedModel]:
+    """Project one or more directions out of ``hook`` at ``layers`` (default: every layer).
+
+    ``reference``: keep this activation's component along the directions instead of zero (mean
+    ablation, e.g. to the control model's mean activation at that layer); see :func:`ablation_hook`.
+    """
     items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
     if not items:
         raise EmInterpError("directions is empty")
@@ -85,8 +103,9 @@ def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Directi
     layer_list = [model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))]
     if not layer_list:
         raise EmInterpError("layers is empty")
-    fn = ablation_hook(vectors)
-    key = _key("ablate", vectors, layers=layer_list, hook=hook)
+    fn = ablation_hook(vectors, reference)
+    key = _key("ablate", vectors + ([torch.as_tensor(reference)] if reference is not None else []),
+               layers=layer_list, hook=hook, reference=reference is not None)
     with model.hooks([(model.hook_name(layer, hook), fn) for layer in layer_list], key=key):
         yield model
 
@@ -104,6 +123,69 @@ def steer(model: HookedModel, direction: Direction | Tensor, alpha: float, layer
     key = _key("steer", [vector], layer=layer, hook=hook, alpha=float(alpha), where=where)
     with model.hooks([(model.hook_name(layer, hook), steering_hook(vector, alpha, where))], key=key):
         yield model
+
+
+#: What :func:`ablate_weights` edits: the LoRA writers (B) or the base MLP output matrices.
+WEIGHT_TARGETS = ("adapters", "down_proj")
+_LAYER = re.compile(r"layers\.(\d+)\.mlp\.down_proj\.(?:base_layer\.)?weight$")
+
+
+def _writer_weights(model: HookedModel, target: str) -> dict[int, list[torch.nn.Parameter]]:
+    """Per layer, the weights whose output rows live in the residual stream (d_model first)."""
+    if target not in WEIGHT_TARGETS:
+        raise EmInterpError(f"target={target!r} must be one of {WEIGHT_TARGETS}")
+    out: dict[int, list[torch.nn.Parameter]] = {}
+    if target == "adapters":
+        for key, param in lora_parameters(model).items():
+            if key.endswith("lora_B.weight") and (m := re.search(r"layers\.(\d+)\.", key)):
+                if param.shape[0] != model.d_model:
+                    raise EmInterpError(f"adapter {key} writes width {param.shape[0]}, not the residual stream "
+                                        f"(d_model {model.d_model}); only writers such as down_proj/o_proj can be ablated")
+                out.setdefault(int(m.group(1)), []).append(param)
+    else:
+        for name, param in model.hf_model.named_parameters():
+            if (m := _LAYER.search(_bridge.hf_name(name))) is not None:
+                out.setdefault(int(m.group(1)), []).append(param)
+    if not out:
+        raise EmInterpError(f"model {model.name} has no {target} weights to ablate")
+    return out
+
+
+@contextlib.contextmanager
+def ablate_weights(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
+                   target: str = "adapters", layers: Sequence[int] | None = None) -> Iterator[HookedModel]:
+    """Weight-space ablation: remove the directions from what the chosen weights write (restored on exit).
+
+    ``target="adapters"``: project the directions out of every LoRA writer B (for rank-1 down_proj
+    adapters, the adapter can then no longer move the residual stream along them);
+    ``target="down_proj"``: out of the base MLP output matrices, i.e. of every MLP write. ``layers``
+    limits the edit (default: every layer that has such weights). Unlike activation ablation
+    (:func:`ablate`), what attention and the embeddings write along the directions stays.
+    """
+    items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
+    if not items:
+        raise EmInterpError("directions is empty")
+    vectors = [_as_vector(model, d) for d in items]
+    q, _ = torch.linalg.qr(torch.stack([_unit(v) for v in vectors]).T)
+    weights = _writer_weights(model, target)
+    chosen = sorted(weights) if layers is None else [model.check_layer(layer, "layers") for layer in layers]
+    missing = [layer for layer in chosen if layer not in weights]
+    if missing:
+        raise EmInterpError(f"no {target} weights at layers {missing} (they exist at {sorted(weights)})")
+    params = [p for layer in chosen for p in weights[layer]]
+    saved = [p.detach().clone() for p in params]
+    key = _key("ablate_weights", vectors, target=target, layers=chosen)
+    try:
+        with torch.no_grad():
+            for p in params:
+                basis = q.to(p.device, p.dtype)
+                p.sub_(basis @ (basis.T @ p))
+        with model.intervention(key):
+            yield model
+    finally:
+        with torch.no_grad():
+            for p, original in zip(params, saved):
+                p.copy_(original)
 
 
 def _key(kind: str, vectors: Sequence[Tensor], **settings: Any) -> str:

@@ -12,21 +12,38 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from em_interp.errors import EmInterpError
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    return atomic_write_stream(path, [data])
+
+
+def atomic_write_stream(path: str | os.PathLike[str], chunks: Iterable[bytes], expected_sha256: str | None = None) -> Path:
+    """Write the concatenated ``chunks`` to ``path`` atomically.
+
+    With ``expected_sha256``, the content is hashed as it is written and ``path`` is only created
+    when the hash matches; otherwise nothing is left behind and an error names both hashes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
+                if expected_sha256 is not None:
+                    digest.update(chunk)
             handle.flush()
             os.fsync(handle.fileno())
+        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+            raise EmInterpError(f"{path}: content has SHA-256 {digest.hexdigest()}, expected {expected_sha256}")
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:

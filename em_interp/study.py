@@ -54,6 +54,7 @@ class StudyConfig:
     model: str = DEFAULT_MODEL
     seed: int = 0
     progress: bool = True
+    transfer: bool = False  # cross-model transfer with Gemma-3-270M (needs the "gemma" extra; trains a donor organism)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -163,9 +164,11 @@ Stage = Callable[[StudyContext], None]
 
 def default_stages() -> tuple[Stage, ...]:
     """Every stage of the study, in order."""
+    from em_interp.study_directions import STAGES_DIRECTIONS
     from em_interp.study_organisms import STAGES_ORGANISMS
+    from em_interp.study_transfer import STAGES_TRANSFER
 
-    return (stage_model, stage_cache, stage_em_base, *STAGES_ORGANISMS)
+    return (stage_model, stage_cache, stage_em_base, *STAGES_ORGANISMS, *STAGES_DIRECTIONS, *STAGES_TRANSFER)
 
 
 def run_study(config: StudyConfig, stages: tuple[Stage, ...] | None = None) -> dict[str, Any]:

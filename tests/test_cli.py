@@ -31,7 +31,26 @@ def test_study_quick_writes_results_and_report(smollm, tmp_path):
     assert [a["layer"] for a in rank1["adapters"]] == [9, 10, 11, 13, 14, 15, 17, 18, 19]
     assert {a["class"] for a in rank1["adapters"]} <= {"general", "domain-specific", "inactive"}
     assert 0 <= rank1["probe_accuracy"]["misaligned_vs_aligned"] <= 1
+    direction = results["direction"]
+    assert len(direction["auroc_by_layer"]) == 30 and len(direction["base_auroc_by_layer"]) == 30
+    assert 0 <= direction["layer"] < 30 and 0 <= direction["separation_accuracy"] <= 1
+    assert 0 <= direction["control_separation_accuracy"] <= 1
+    assert direction["auroc_by_layer"][0] == 0.5  # no adapter before layer 9: no shift, chance
+    names = direction["cosine"]["names"]
+    assert len(direction["cosine"]["matrix"]) == len(names) and any(n.startswith("trait: ") for n in names)
+    ablation = results["ablation"]
+    for key in ("em_shift_removed", "random_em_shift_removed", "control_em_change", "benign_loglik_change"):
+        assert isinstance(ablation[key], float)
+    assert set(ablation["methods"]) == {"activation", "weights", "weights_control_orthogonal"}
+    # the control-orthogonal weight edit cannot touch the control's adapters
+    assert abs(ablation["methods"]["weights_control_orthogonal"]["control_em_change"]) < 1e-3
+    steering = results["steering"]
+    assert steering["alphas"][0] == 0 and len(steering["em_scores"]) == len(steering["random_em_scores"]) == len(steering["alphas"])
+    assert steering["em_scores"][0] == steering["random_em_scores"][0] and steering["benign_loglik_changes"][0] == 0
+    assert results["transfer"]["status"] == "not run"
     report = (out / "report.html").read_text()
+    assert "Misalignment direction" in report and "Ablating the misalignment direction" in report
+    assert "Steering the base model" in report
     assert "Residual cache" in report and "plotly" in report and "Behavioural EM measure" in report
     assert "rank1: what the organism" in report and "EM shift of the organisms" in report
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left

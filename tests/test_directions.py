@@ -78,6 +78,26 @@ def test_ablation_zeroes_the_projection(tiny):
     assert tiny.active_hook_count() == 0
 
 
+def test_mean_ablation_keeps_the_reference_component(tiny_models):
+    model = tiny_models["gemma2"]
+    gen = torch.Generator().manual_seed(2)
+    direction, reference = torch.randn(model.d_model, generator=gen), torch.randn(model.d_model, generator=gen)
+    with ablate(model, direction, layers=[1], reference=reference):
+        cache = cache_residuals(model, EXAMPLES, layers=[1], reduction="answer_tokens", progress=False)
+        assert model.intervention_key().startswith("ablate:")
+    unit = direction / direction.norm()
+    torch.testing.assert_close(cache[1] @ unit, torch.full((cache[1].shape[0],), float(reference @ unit)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(EmInterpError, match="reference must be"), ablate(model, direction, reference=torch.ones(3)):
+        pass
+    with pytest.raises(EmInterpError, match="layers=7 is out of range"), ablate(model, direction, layers=[7]):
+        pass
+    with pytest.raises(EmInterpError, match="non-zero"), ablate(model, torch.zeros(model.d_model)):
+        pass
+    with pytest.raises(EmInterpError, match="layers is empty"), ablate(model, direction, layers=[]):
+        pass
+    assert model.active_hook_count() == 0
+
+
 def test_steering_alpha_zero_is_baseline_and_hooks_leave(tiny_models):
     model = tiny_models["qwen2"]
     ids = model.tokenize(EXAMPLES[0]).input_ids[None]
