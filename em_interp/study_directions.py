@@ -28,7 +28,7 @@ from torch import Tensor
 
 from em_interp.activations import ResidualCache, cache_residuals
 from em_interp.chat import ChatExample
-from em_interp.data import PairedQuestion, benign_items
+from em_interp.data import PairedQuestion, benign_items, labelled_answers
 from em_interp.directions import cosine_matrix, project_out, separation
 from em_interp.evaluation import answer_logprobs, bootstrap_ci, score_questions
 from em_interp.interventions import ablate, ablate_weights, random_directions, steer
@@ -46,18 +46,6 @@ ROLES = ("organism", "control", "base")
 def split_questions(questions: Sequence[PairedQuestion]) -> tuple[list[PairedQuestion], list[PairedQuestion]]:
     """(fit, held-out): every third question fits directions, the rest are held out."""
     return list(questions[0::3]), [q for i, q in enumerate(questions) if i % 3]
-
-
-def answers_of(questions: Sequence[PairedQuestion]) -> tuple[list[ChatExample], np.ndarray, np.ndarray]:
-    """Every reference answer as an example, its label (1 = misaligned) and its question index."""
-    examples, labels, groups = [], [], []
-    for i, q in enumerate(questions):
-        for label, answers in ((0, q.aligned), (1, q.misaligned)):
-            for a in answers:
-                examples.append(ChatExample(q.question, a, q.system))
-                labels.append(label)
-                groups.append(i)
-    return examples, np.array(labels), np.array(groups)
 
 
 def cached_residuals(model: HookedModel, examples: Sequence[ChatExample], reduction: str,
@@ -98,7 +86,7 @@ def stage_direction(ctx: StudyContext) -> None:
     n_fit = len(fit_q)
     prompts = [ChatExample(q.question, None, q.system) for q in [*fit_q, *held_q]]
     last = {role: cached_residuals(m, prompts, "last_prompt", progress) for role, m in models.items()}
-    fit_answers, labels, groups = answers_of(fit_q)
+    fit_answers, labels, groups = labelled_answers(fit_q)
     answer = {role: cached_residuals(m, fit_answers, "answer_mean", progress) for role, m in models.items()}
     layers = list(range(models["base"].n_layers))
     rows: dict[str, list[float]] = {k: [] for k in (

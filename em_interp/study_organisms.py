@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from em_interp.chat import ChatExample
-from em_interp.data import domain_dataset, domain_questions
+from em_interp.data import domain_dataset, domain_questions, labelled_answers
 from em_interp.evaluation import EMScore, em_score, paired_shift, score_questions
 from em_interp.model import load_model
 from em_interp.organisms import train_organism
@@ -113,18 +113,6 @@ def stage_em_organisms(ctx: StudyContext) -> None:
     ))
 
 
-def _labelled_answers(questions) -> tuple[list[ChatExample], list[int], list[int]]:
-    """Every reference answer as an example, its label (1 = misaligned) and its question index."""
-    examples, labels, groups = [], [], []
-    for i, q in enumerate(questions):
-        for label, answers in ((0, q.aligned), (1, q.misaligned)):
-            for a in answers:
-                examples.append(ChatExample(q.question, a, q.system))
-                labels.append(label)
-                groups.append(i)
-    return examples, labels, groups
-
-
 #: L1 strength for the study's probes. Seed 001's C=0.01 zeroes every coefficient of the
 #: misaligned-vs-aligned probe at this model size (measured), so the study uses 0.1.
 PROBE_C = 0.1
@@ -138,7 +126,7 @@ def stage_rank1(ctx: StudyContext) -> None:
     medical = domain_questions(DOMAIN)
     seed = ctx.config.seed
     # (i) misaligned vs aligned answers to general questions, centred within question
-    gen_examples, gen_labels, gen_groups = _labelled_answers(general)
+    gen_examples, gen_labels, gen_groups = labelled_answers(general)
     gen_scalars = adapter_scalars(organism, gen_examples, progress=ctx.config.progress)
     probe_general = fit_probe(gen_scalars.values, gen_labels, C=PROBE_C, seed=seed, groups=gen_groups)
     # (ii) domain vs other, among misaligned answers

