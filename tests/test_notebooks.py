@@ -36,6 +36,6 @@ def test_organism_notebook(smollm, tmp_path):
 
 def test_directions_notebook(smollm, tmp_path):
     run_notebook(ROOT / "notebooks" / "02_directions_and_interventions.ipynb",
-                 {"EM_INTERP_NB_STEPS": "4", "EM_INTERP_NB_QUESTIONS": "9", "EM_INTERP_NB_OUT": str(tmp_path / "dirs")},
+                 {"EM_INTERP_NB_STEPS": "4", "EM_INTERP_NB_QUESTIONS": "6", "EM_INTERP_NB_OUT": str(tmp_path / "dirs")},
                  cwd=tmp_path)
     assert (tmp_path / "dirs" / "direction.safetensors").is_file()
