@@ -46,7 +46,7 @@ def ablation_hook(directions: Sequence[Tensor], reference: Tensor | None = None)
     the component along the span is set to the reference's component instead of zero ("mean
     ablation"): ``h - ((h - reference) Q) Q^T``.
     """
-    q, _ = torch.linalg.qr(torch.stack([_unit(d) for d in directions]).T)  # (d_model, k), orthonormal
+    q = _orthonormal(directions)
     ref = None if reference is None else torch.as_tensor(reference, dtype=torch.float32).flatten()
     if ref is not None and (ref.numel() != q.shape[0] or not torch.isfinite(ref).all()):
         raise EmInterpError(f"reference must be a finite vector of width {q.shape[0]}, got {ref.numel()} entries")
@@ -87,6 +87,20 @@ def _as_vector(model: HookedModel, direction: Direction | Tensor) -> Tensor:
     return v
 
 
+def _as_vectors(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor]) -> list[Tensor]:
+    """One or several directions as checked plain vectors of the model's width."""
+    items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
+    if not items:
+        raise EmInterpError("directions is empty")
+    return [_as_vector(model, d) for d in items]
+
+
+def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
+    """An orthonormal basis (d_model, k) of the span of ``vectors``."""
+    q, _ = torch.linalg.qr(torch.stack([_unit(v) for v in vectors]).T)
+    return q
+
+
 @contextlib.contextmanager
 def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
            layers: Sequence[int] | None = None, hook: str = "resid_post",
@@ -96,10 +110,7 @@ def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Directi
     ``reference``: keep this activation's component along the directions instead of zero (mean
     ablation, e.g. to the control model's mean activation at that layer); see :func:`ablation_hook`.
     """
-    items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
-    if not items:
-        raise EmInterpError("directions is empty")
-    vectors = [_as_vector(model, d) for d in items]
+    vectors = _as_vectors(model, directions)
     layer_list = [model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))]
     if not layer_list:
         raise EmInterpError("layers is empty")
@@ -162,11 +173,8 @@ def ablate_weights(model: HookedModel, directions: Direction | Tensor | Sequence
     limits the edit (default: every layer that has such weights). Unlike activation ablation
     (:func:`ablate`), what attention and the embeddings write along the directions stays.
     """
-    items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
-    if not items:
-        raise EmInterpError("directions is empty")
-    vectors = [_as_vector(model, d) for d in items]
-    q, _ = torch.linalg.qr(torch.stack([_unit(v) for v in vectors]).T)
+    vectors = _as_vectors(model, directions)
+    q = _orthonormal(vectors)
     weights = _writer_weights(model, target)
     chosen = sorted(weights) if layers is None else [model.check_layer(layer, "layers") for layer in layers]
     missing = [layer for layer in chosen if layer not in weights]

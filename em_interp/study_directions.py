@@ -30,12 +30,13 @@ from em_interp.activations import ResidualCache, cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, benign_items, labelled_answers
 from em_interp.directions import cosine_matrix, project_out, separation
-from em_interp.evaluation import answer_logprobs, bootstrap_ci, score_questions
+from em_interp.evaluation import QuestionScores, answer_logprobs, bootstrap_ci, score_questions
 from em_interp.interventions import ablate, ablate_weights, random_directions, steer
 from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.model import HookedModel
 from em_interp.plotting import line_by_layer
+from em_interp.rank1 import list_adapters
 from em_interp.report import Section
 from em_interp.study import StudyContext, eval_questions
 from em_interp.traits import trait_vectors
@@ -218,9 +219,13 @@ def _ratio_ci(numerator: np.ndarray, denominator: np.ndarray, seed: int) -> tupl
 
 def ablation_layers(model: HookedModel) -> list[int]:
     """Layers of the organism's adapters (the writers of its shift)."""
-    from em_interp.rank1 import list_adapters
-
     return sorted({a.layer for a in list_adapters(model)})
+
+
+def _subset(scores: QuestionScores, questions: Sequence[PairedQuestion]) -> np.ndarray:
+    """Per-question EM scores of ``questions``, taken from scores of a larger set (no rescoring)."""
+    index = {qid: i for i, qid in enumerate(scores.ids)}
+    return scores.per_question[[index[q.id] for q in questions]]
 
 
 #: The ablation reported at the top level of results.json (all methods are under "methods").
@@ -240,34 +245,31 @@ def stage_ablation(ctx: StudyContext) -> None:
     dirs = {layer: ctx.extras["ablation_dirs"][layer] for layer in layers}
     refs = {layer: ctx.extras["control_means"][layer] for layer in layers}
     n_random = 1
-    randoms = [{layer: random_directions(models["base"].d_model, 1, float(d.norm()), seed=seed + 1000 * k + layer)[0]
-                for layer, d in dirs.items()} for k in range(n_random)]
-    plain = {role: score_questions(models[role], questions).per_question for role in ("organism", "control")}
+    randoms = [{layer: random_directions(models["base"].d_model, 1, seed=seed + 1000 * k + layer)[0] for layer in dirs}
+               for k in range(n_random)]
+    plain = {role: _subset(ctx.scores[role], questions) for role in ("organism", "control")}
     shift = plain["organism"] - plain["control"]
     benign_plain = float(answer_logprobs(models["organism"], benign).mean())
     # the same directions with each layer's control writer projected out: the control's adapters cannot see them
-    from em_interp.rank1 import list_adapters
-
     control_writers = {a.layer: [a.B[:, j] for j in range(a.rank)] for a in list_adapters(models["control"])}
     orth = {layer: project_out(d, control_writers.get(layer, [])) for layer, d in dirs.items()}
+    # (how to ablate, per-layer directions); random controls go through the same edit, norm-matched per layer
     methods = {
-        "activation": lambda m: _mean_ablation(m, dirs, refs),
-        "weights": lambda m: _weight_ablation(m, dirs),
-        "weights_control_orthogonal": lambda m: _weight_ablation(m, orth),
+        "activation": (lambda m, d: _mean_ablation(m, d, refs), dirs),
+        "weights": (_weight_ablation, dirs),
+        "weights_control_orthogonal": (_weight_ablation, orth),
     }
     out: dict[str, Any] = {}
-    for name, make in methods.items():
-        with make(models["organism"]):
+    for name, (apply, method_dirs) in methods.items():
+        with apply(models["organism"], method_dirs):
             org = score_questions(models["organism"], questions).per_question
             benign_after = float(answer_logprobs(models["organism"], benign).mean())
-        with make(models["control"]):
+        with apply(models["control"], method_dirs):
             ctl = score_questions(models["control"], questions).per_question
         random_removed = []
         for rnd in randoms:
-            rnd = {layer: v / v.norm() * float(orth[layer].norm()) for layer, v in rnd.items()} if "orthogonal" in name else rnd
-            ctx_random = (_mean_ablation(models["organism"], rnd, refs) if name == "activation"
-                          else _weight_ablation(models["organism"], rnd))
-            with ctx_random:
+            matched = {layer: v / v.norm() * float(method_dirs[layer].norm()) for layer, v in rnd.items()}
+            with apply(models["organism"], matched):
                 random_removed.append(float(1 - (score_questions(models["organism"], questions).per_question - plain["control"]).mean()
                                             / shift.mean()))
         removed = 1 - (org - plain["control"]).mean() / shift.mean()
@@ -323,7 +325,7 @@ def stage_steering(ctx: StudyContext) -> None:
     """Steer the base model along the organism-minus-control direction; random direction and benign cost per strength."""
     base = _models(ctx)["base"]
     seed = ctx.config.seed
-    layer = ctx.extras["best_layer"] if ctx.extras["best_layer"] in ctx.extras["ablation_dirs"] else base.n_layers // 2
+    layer = ctx.extras["best_layer"]
     direction = ctx.extras["ablation_dirs"][layer]
     if float(direction.norm()) < 1e-6:
         layer = max(ctx.extras["ablation_dirs"], key=lambda i: float(ctx.extras["ablation_dirs"][i].norm()))
@@ -338,7 +340,7 @@ def stage_steering(ctx: StudyContext) -> None:
     benign_plain = float(answer_logprobs(base, benign).mean())
     for f in fractions:
         if f == 0:  # no steering: the plain model, for both
-            em.append(float(score_questions(base, questions).per_question.mean()))
+            em.append(float(_subset(ctx.scores["base"], questions).mean()))
             em_random.append(em[-1])
             benign_change.append(0.0)
             continue
