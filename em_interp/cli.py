@@ -13,6 +13,7 @@ from em_interp.loading import DEFAULT_MODEL
 def build_parser() -> argparse.ArgumentParser:
     """The ``em-interp`` argument parser."""
     parser = argparse.ArgumentParser(prog="em-interp", description="Study emergent misalignment from inside a model.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     study = sub.add_parser("study", help="run the EM study and write results.json + report.html")
     study.add_argument("--out", type=Path, required=True, help="output folder")
@@ -61,28 +62,68 @@ def score_responses(data: Path, groups: list[str], model_spec: str, out: Path | 
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def check_output_folder(path: Path, argument: str) -> None:
+    """Fail before any work if ``path`` cannot become a writable output folder."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        raise EmInterpError(f"{argument} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".em-interp-write-check-"):
+            pass
+    except OSError as exc:
+        raise EmInterpError(f"{argument} {path} is not writable: {exc.strerror or exc}") from None
+
+
+def check_output_file(path: Path, argument: str) -> None:
+    """Fail before any work if ``path`` cannot be written as a file (it may exist: it is replaced)."""
+    import os
+
+    if path.is_dir():
+        raise EmInterpError(f"{argument} {path} is a folder; give a file name, e.g. {path / 'scores.json'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EmInterpError(f"{argument} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise EmInterpError(f"{argument} {path}: folder {parent} is not writable")
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "study":
         from em_interp.study import StudyConfig, run_study
 
+        check_output_folder(args.out, "--out")
         config = StudyConfig(out=args.out, quick=args.quick, model=args.model, seed=args.seed,
                              progress=not args.no_progress, transfer=args.transfer)
-        try:
-            results = run_study(config)
-        except EmInterpError as exc:
-            print(f"em-interp: error: {exc}", file=sys.stderr)
-            return 2
+        results = run_study(config)
         print(f"wrote {args.out / 'results.json'} and {args.out / 'report.html'} "
               f"({results['study']['seconds']['total']:.1f} s)")
     elif args.command == "score-responses":
-        try:
-            score_responses(args.data, args.group or ["non_medical", "medical"], args.model, args.out)
-        except EmInterpError as exc:
-            print(f"em-interp: error: {exc}", file=sys.stderr)
-            return 2
+        if args.out is not None:
+            check_output_file(args.out, "--out")
+        score_responses(args.data, args.group or ["non_medical", "medical"], args.model, args.out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status.
+
+    Every error ends as one line on stderr and a non-zero status: 2 for bad input
+    (:class:`EmInterpError`), 1 for anything else, 130 on Ctrl-C. ``--debug`` shows the traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("em-interp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        kind = "error" if isinstance(exc, EmInterpError) else f"unexpected {type(exc).__name__}"
+        print(f"em-interp: {kind}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2 if isinstance(exc, EmInterpError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -61,10 +61,16 @@ class Direction:
             raise EmInterpError(f"direction was made on model {self.model!r}, not {model.name!r}")
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path.safetensors`` and ``path.json`` (atomically)."""
+        """Write ``<path>.safetensors`` and ``<path>.json`` (atomically); return ``path``.
+
+        The suffixes are appended to the whole name, so ``d/em.l10`` and ``d/em.l20`` are two
+        directions (``d/em.l10.safetensors`` ...); a ``path`` ending in ``.safetensors`` or ``.json``
+        names the same pair.
+        """
         path = Path(path)
-        atomic_write_bytes(path.with_suffix(".safetensors"), save({"vector": self.vector.contiguous()}))
-        atomic_write_json(path.with_suffix(".json"), {
+        tensor_path, meta_path = _direction_files(path)
+        atomic_write_bytes(tensor_path, save({"vector": self.vector.contiguous()}))
+        atomic_write_json(meta_path, {
             "layer": self.layer, "hook": self.hook, "model": self.model, "method": self.method,
             "info": self.info, "d_model": self.vector.numel(), "package_version": __version__,
         })
@@ -73,15 +79,30 @@ class Direction:
     @classmethod
     def load(cls, path: str | Path) -> Direction:
         """Read a direction written by :meth:`save`."""
-        path = Path(path)
-        meta_path, tensor_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        tensor_path, meta_path = _direction_files(Path(path))
         for p in (meta_path, tensor_path):
             if not p.is_file():
                 raise EmInterpError(f"direction file {p} does not exist")
-        meta = json.loads(meta_path.read_text())
-        vector = load_file(str(tensor_path))["vector"]
-        return cls(vector, int(meta["layer"]), meta.get("hook", "resid_post"), meta.get("model", ""),
+        try:
+            meta = json.loads(meta_path.read_text())
+            layer = int(meta["layer"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise EmInterpError(f"{meta_path} is not a direction sidecar ({type(exc).__name__}: {exc})") from None
+        try:
+            vector = load_file(str(tensor_path))["vector"]
+        except Exception as exc:  # safetensors raises several kinds on a damaged file
+            raise EmInterpError(f"cannot read direction tensor {tensor_path}: {type(exc).__name__}: {exc}") from None
+        if "d_model" in meta and vector.numel() != meta["d_model"]:
+            raise EmInterpError(f"{tensor_path} holds {vector.numel()} values, but {meta_path} says d_model {meta['d_model']}")
+        return cls(vector, layer, meta.get("hook", "resid_post"), meta.get("model", ""),
                    meta.get("method", ""), meta.get("info", {}))
+
+
+def _direction_files(path: Path) -> tuple[Path, Path]:
+    """(tensor file, sidecar) of a direction saved at ``path`` (suffixes appended, never replaced)."""
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
 def _check_acts(name: str, acts: Tensor) -> Tensor:

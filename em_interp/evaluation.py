@@ -23,12 +23,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from em_interp import _bridge
 from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.data import PairedQuestion
 from em_interp.errors import EmInterpError
 from em_interp.io import atomic_write_bytes, sha256_json
 from em_interp.loading import cache_dir
 from em_interp.model import HookedModel
+from em_interp.provenance import computation_key
 
 
 @torch.inference_mode()
@@ -103,7 +105,7 @@ def _shared_prompt_logprobs(model: HookedModel, items: Sequence[TokenizedChat], 
         p_pos = (p_attn.cumsum(1) - 1).clamp(min=0)
         res = model.hf_model(input_ids=p_ids.to(device), attention_mask=p_attn.to(device),
                              position_ids=p_pos.to(device), use_cache=True, logits_to_keep=1)
-        cache, first_logits = res.past_key_values, res.logits[:, -1]
+        cache, first_logits = _bridge.returned_cache(res), res.logits[:, -1]
         rows = [row for row, (_, idx) in enumerate(batch) for _ in idx]
         ex_idx = [i for _, idx in batch for i in idx]
         cache.batch_select_indices(torch.tensor(rows, device=device))
@@ -117,7 +119,7 @@ def _shared_prompt_logprobs(model: HookedModel, items: Sequence[TokenizedChat], 
         a_pos = prompt_len[:, None] + torch.arange(a_width)[None]
         attn = torch.cat([p_attn[rows], a_mask], dim=1)
         logits = model.hf_model(input_ids=a_ids.to(device), attention_mask=attn.to(device), position_ids=a_pos.to(device),
-                                past_key_values=cache, use_cache=True).logits
+                                use_cache=True, **{_bridge.cache_argument(model.hf_model): cache}).logits
         # the prompt's last logits predict answer token 0; answer position t predicts token t + 1
         logits = torch.cat([first_logits[rows].unsqueeze(1), logits[:, :-1]], dim=1)
         out[ex_idx] = _mean_token_logprob(logits, a_ids.to(device), a_mask.to(device))
@@ -140,7 +142,7 @@ class QuestionScores:
 
 def _score_cache_path(model: HookedModel, questions: Sequence[PairedQuestion], intervention: str) -> Path:
     spec = {"model": model.fingerprint(), "questions": [asdict(q) for q in questions],
-            "metric": "mean_answer_token_logprob_v1"}
+            "metric": "mean_answer_token_logprob_v1", "computed_by": computation_key("em_interp.evaluation")}
     if intervention:
         spec["intervention"] = intervention
     return cache_dir() / "scores" / f"{sha256_json(spec)[:32]}.npz"
@@ -153,8 +155,8 @@ def score_questions(
     """Score every reference answer of every question (each distinct text scored once).
 
     With ``use_cache`` (default), results are stored under the user cache, keyed by the model's
-    weight fingerprint, the questions and the active intervention, and reused when all are
-    unchanged. Under hooks that carry no key (:meth:`HookedModel.intervention_key` is None) nothing
+    weight fingerprint, the questions, the active intervention and the computing code and library
+    versions (:func:`em_interp.provenance.computation_key`), and reused when all are unchanged. Under hooks that carry no key (:meth:`HookedModel.intervention_key` is None) nothing
     is cached.
     """
     if not questions:

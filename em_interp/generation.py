@@ -25,8 +25,6 @@ def sample_answers(
     """
     if n < 1:
         raise EmInterpError(f"n={n} must be >= 1")
-    if temperature < 0:
-        raise EmInterpError(f"temperature={temperature} must be >= 0")
     if not prompts:
         raise EmInterpError("prompts is empty")
     examples = [p if isinstance(p, ChatExample) else ChatExample(str(p)) for p in prompts]

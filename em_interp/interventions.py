@@ -27,6 +27,7 @@ from em_interp.adapters import lora_parameters
 from em_interp.directions import Direction
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
+from em_interp.validate import finite_number, finite_tensor
 
 WHERE = ("all", "prompt", "generated")
 
@@ -77,22 +78,37 @@ def steering_hook(vector: Tensor, alpha: float, where: str = "all"):
     return hook
 
 
-def _as_vector(model: HookedModel, direction: Direction | Tensor) -> Tensor:
+def _as_vector(model: HookedModel, direction: Direction | Tensor, hook: str | None = None) -> Tensor:
     if isinstance(direction, Direction):
         direction.check_fits(model)
+        if hook is not None and direction.hook != hook:
+            raise EmInterpError(f"direction was made at hook site {direction.hook!r}, not {hook!r}: apply it at "
+                                f"hook={direction.hook!r} (or build it from {hook!r} activations)")
         return direction.vector
-    v = torch.as_tensor(direction, dtype=torch.float32).flatten()
+    v = finite_tensor("direction", direction).flatten()
     if v.numel() != model.d_model:
         raise EmInterpError(f"direction has width {v.numel()}, but {model.name} has d_model {model.d_model}")
     return v
 
 
-def _as_vectors(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor]) -> list[Tensor]:
-    """One or several directions as checked plain vectors of the model's width."""
+def _as_vectors(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
+                hook: str | None = None) -> list[Tensor]:
+    """One or several directions as checked plain vectors of the model's width (made at ``hook``)."""
     items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
     if not items:
         raise EmInterpError("directions is empty")
-    return [_as_vector(model, d) for d in items]
+    return [_as_vector(model, d, hook) for d in items]
+
+
+def _site(directions: Direction | Tensor | Sequence[Direction | Tensor], hook: str | None) -> str:
+    """The hook site to act at: ``hook`` if given, else the directions' own (default ``resid_post``)."""
+    if hook is not None:
+        return hook
+    items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
+    sites = {d.hook for d in items if isinstance(d, Direction)}
+    if len(sites) > 1:
+        raise EmInterpError(f"directions were made at different hook sites {sorted(sites)}; pass hook= explicitly")
+    return sites.pop() if sites else "resid_post"
 
 
 def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
@@ -103,14 +119,17 @@ def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
 
 @contextlib.contextmanager
 def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
-           layers: Sequence[int] | None = None, hook: str = "resid_post",
+           layers: Sequence[int] | None = None, hook: str | None = None,
            reference: Tensor | None = None) -> Iterator[HookedModel]:
     """Project one or more directions out of ``hook`` at ``layers`` (default: every layer).
 
+    ``hook`` defaults to the site the directions were made at (``resid_post`` for plain tensors);
+    a :class:`Direction` made at another site than an explicit ``hook`` is an error.
     ``reference``: keep this activation's component along the directions instead of zero (mean
     ablation, e.g. to the control model's mean activation at that layer); see :func:`ablation_hook`.
     """
-    vectors = _as_vectors(model, directions)
+    hook = _site(directions, hook)
+    vectors = _as_vectors(model, directions, hook)
     layer_list = [model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))]
     if not layer_list:
         raise EmInterpError("layers is empty")
@@ -123,13 +142,20 @@ def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Directi
 
 @contextlib.contextmanager
 def steer(model: HookedModel, direction: Direction | Tensor, alpha: float, layer: int | None = None,
-          where: str = "all", hook: str = "resid_post") -> Iterator[HookedModel]:
-    """Add ``alpha * direction`` at ``layer`` (default: the direction's own layer)."""
+          where: str = "all", hook: str | None = None) -> Iterator[HookedModel]:
+    """Add ``alpha * direction`` at ``layer`` (default: the direction's own layer) and ``hook``.
+
+    ``hook`` defaults to the site the direction was made at (``resid_post`` for a plain tensor); a
+    :class:`Direction` made at another site than an explicit ``hook`` is an error. ``alpha`` must
+    be finite.
+    """
+    alpha = finite_number("alpha", alpha)
     if layer is None:
         if not isinstance(direction, Direction):
             raise EmInterpError("layer is required when steering with a plain tensor")
         layer = direction.layer
-    vector = _as_vector(model, direction)
+    hook = _site(direction, hook)
+    vector = _as_vector(model, direction, hook)
     layer = model.check_layer(layer)
     key = _key("steer", [vector], layer=layer, hook=hook, alpha=float(alpha), where=where)
     with model.hooks([(model.hook_name(layer, hook), steering_hook(vector, alpha, where))], key=key):

@@ -27,6 +27,7 @@ from em_interp import _bridge
 from em_interp.chat import ChatExample, TokenizedChat, tokenize_chat
 from em_interp.errors import EmInterpError
 from em_interp.loading import DEFAULT_MODEL, attach_adapter, load_hf, resolve_spec
+from em_interp.validate import finite_number
 
 TokenBatch = Int[Tensor, "batch pos"]
 MaskBatch = Bool[Tensor, "batch pos"]
@@ -75,6 +76,12 @@ class HookedModel:
     def site_width(self, site: str) -> int:
         """Width of the activations at ``site`` (d_mlp for ``mlp_post``, else d_model)."""
         return _bridge.site_width(self.bridge, site)
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence the model was built for (``max_position_embeddings``), if it says."""
+        value = getattr(self.hf_model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -142,8 +149,28 @@ class HookedModel:
         (e.g. a hash of the direction, layers and strength); it lets results computed under them be
         cached (see :meth:`intervention_key`).
         """
+        self.check_hooks(fwd_hooks)
         with self.intervention(key, n_hooks=len(fwd_hooks)), _bridge.hooks(self.bridge, fwd_hooks):
             yield self
+
+    def check_hooks(self, fwd_hooks: Sequence[tuple[str, _bridge.HookFn]]) -> None:
+        """Raise unless every ``(name, fn)`` names a hook point of this model and ``fn`` is callable.
+
+        A misspelt name would otherwise attach nothing and the intervention would silently do nothing.
+        """
+        import difflib
+
+        known = set(_bridge.hook_point_names(self.bridge))
+        for i, pair in enumerate(fwd_hooks):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise EmInterpError(f"fwd_hooks[{i}] must be a (hook_name, fn) pair, got {pair!r}")
+            name, fn = pair
+            if not isinstance(name, str) or name not in known:
+                close = difflib.get_close_matches(str(name), sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else " (see HookedModel.hook_name)"
+                raise EmInterpError(f"fwd_hooks[{i}]: {name!r} is not a hook point of {self.name}{hint}")
+            if not callable(fn):
+                raise EmInterpError(f"fwd_hooks[{i}]: the hook for {name!r} is not callable")
 
     @contextlib.contextmanager
     def intervention(self, key: str | None, n_hooks: int = 0) -> Iterator[None]:
@@ -197,6 +224,10 @@ class HookedModel:
                 item = self.tokenize(example, max_length=max_length)
             except EmInterpError as exc:
                 raise EmInterpError(f"{what}[{i}]: {exc}") from None
+            if self.context_length is not None and len(item.input_ids) > self.context_length:
+                raise EmInterpError(
+                    f"{what}[{i}] is {len(item.input_ids)} tokens long, more than {self.name}'s context of "
+                    f"{self.context_length} tokens; pass max_length (<= {self.context_length}) to truncate it from the right")
             if require_answer and item.n_answer_tokens == 0:
                 raise EmInterpError(
                     f"{what}[{i}] has no answer (assistant) tokens left after truncation to max_length={max_length}")
@@ -245,11 +276,15 @@ class HookedModel:
 
         Prompts are left-padded in batches; the same prompts and seed give the same answers.
         """
+        temperature = finite_number("temperature", temperature, minimum=0.0)
+        if max_new_tokens < 1 or batch_size < 1:
+            raise EmInterpError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be >= 1")
         tok = self.tokenizer
         answers: list[str] = []
+        items = self.tokenize_many([ChatExample(p.question, None, p.system) for p in prompts], require_answer=False,
+                                   what="prompts")
         for start in range(0, len(prompts), batch_size):
-            chunk = [ChatExample(p.question, None, p.system) for p in prompts[start : start + batch_size]]
-            batch = self.pad([self.tokenize(p) for p in chunk], padding_side="left")
+            batch = self.pad(items[start : start + batch_size], padding_side="left")
             generator_seed = seed + start
             torch.manual_seed(generator_seed)
             kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}

@@ -2,8 +2,9 @@
 
 The organism is fine-tuned on a domain's misaligned answers; the control on the aligned answers to
 the same prompts, with the same seed, steps and everything else. Trained adapters live in
-``<cache>/organisms/<name>-<hash>/`` where the hash covers the base model, the config and the data,
-so a rerun with unchanged inputs reuses them.
+``<cache>/organisms/<name>-<hash>/`` where the hash covers the base model, the config, the data, the
+training code and the library versions (:mod:`em_interp.provenance`), so a rerun with unchanged
+inputs reuses them and anything else retrains.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 from em_interp.data import domain_dataset
 from em_interp.io import sha256_json
 from em_interp.loading import DEFAULT_MODEL, cache_dir
-from em_interp.training import LoraTrainConfig, TrainingCallback, TrainResult, train_lora
+from em_interp.provenance import computation_key
+from em_interp.training import TRAINING_MODULES, LoraTrainConfig, TrainingCallback, TrainResult, train_lora
 
 
 def organism_dir(name: str, base: str, config: LoraTrainConfig, data_key: str) -> Path:
-    """Cache folder of an organism run (keyed by base, config and data)."""
-    digest = sha256_json({"base": base, "config": config.to_dict(), "data": data_key})[:12]
+    """Cache folder of an organism run (keyed by base, config, data, training code and library versions)."""
+    digest = sha256_json({"base": base, "config": config.to_dict(), "data": data_key,
+                          "computed_by": computation_key(*TRAINING_MODULES)})[:12]
     return cache_dir() / "organisms" / f"{name}-{digest}"
 
 
@@ -38,5 +41,6 @@ def train_organism(
     config = config or LoraTrainConfig()
     data = domain_dataset(domain, variant, "train")
     name = f"{domain}-{variant}"
-    out = Path(out_dir) if out_dir is not None else organism_dir(name, base, config, f"builtin:{name}:train")
+    data_key = f"builtin:{name}:train:{sha256_json([e.to_dict() for e in data])[:16]}"
+    out = Path(out_dir) if out_dir is not None else organism_dir(name, base, config, data_key)
     return train_lora(base, data, config, out, callbacks=callbacks, progress=progress)

@@ -29,6 +29,7 @@ from em_interp.adapters import lora_parameters
 from em_interp.chat import ChatExample
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
+from em_interp.validate import finite_number
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:mlp|self_attn)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -227,6 +228,7 @@ def scale_adapters(model: HookedModel, factors: Mapping[int, float]) -> Iterator
     Scaling an adapter's scalar is the same as scaling its writer B; the original weights are put
     back on exit, also after an error.
     """
+    factors = {layer: finite_number(f"factors[{layer}]", f) for layer, f in factors.items()}
     adapters = {a.layer for a in list_adapters(model)}
     missing = sorted(set(factors) - adapters)
     if missing:

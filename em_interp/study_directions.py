@@ -36,6 +36,7 @@ from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.model import HookedModel
 from em_interp.plotting import line_by_layer
+from em_interp.provenance import computation_key
 from em_interp.rank1 import list_adapters
 from em_interp.report import Section
 from em_interp.study import StudyContext, eval_questions
@@ -53,7 +54,8 @@ def cached_residuals(model: HookedModel, examples: Sequence[ChatExample], reduct
                      progress: bool = False) -> ResidualCache:
     """All-layer residuals, stored under the user cache keyed by the model's weights and the examples."""
     key = sha256_json({"model": model.fingerprint(), "examples": [e.to_dict() for e in examples],
-                       "reduction": reduction, "hook": "resid_post"})
+                       "reduction": reduction, "hook": "resid_post",
+                       "computed_by": computation_key("em_interp.activations")})
     return cache_residuals(model, examples, reduction=reduction, batch_size=16, progress=progress,
                            out_dir=cache_dir() / "activations" / key[:32])
 

@@ -31,9 +31,12 @@ from em_interp.errors import EmInterpError
 from em_interp.io import atomic_directory, atomic_write_json, sha256_json
 from em_interp.loading import load_hf, resolve_spec
 from em_interp.model import HookedModel, wrap_hf
+from em_interp.provenance import computation_key
 from em_interp.version import __version__
 
 SEED_001_GROUP_STARTS = (15, 21, 27)
+#: Modules whose code decides what a training run produces (part of every run's identity).
+TRAINING_MODULES = ("em_interp.training", "em_interp.adapters")
 SEED_001_N_LAYERS = 48
 
 
@@ -152,7 +155,7 @@ def _lr_lambda(config: LoraTrainConfig):
 
 def _run_identity(base: str, config: LoraTrainConfig, data: Sequence[ChatExample]) -> dict[str, Any]:
     identity = {"base": base, "config": config.to_dict(), "data_sha256": sha256_json([e.to_dict() for e in data]),
-                "n_examples": len(data)}
+                "n_examples": len(data), "computed_by": computation_key(*TRAINING_MODULES)}
     return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
 
 

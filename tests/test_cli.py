@@ -7,6 +7,8 @@ import json
 import pytest
 
 from em_interp.cli import main
+from em_interp.reference import compare, load_reference, readable, study_numbers
+from tests.test_reference_numbers import REFERENCE
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +56,9 @@ def test_study_quick_writes_results_and_report(smollm, tmp_path):
     assert "Residual cache" in report and "plotly" in report and "Behavioural EM measure" in report
     assert "rank1: what the organism" in report and "EM shift of the organisms" in report
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # the science has not moved: the key numbers equal the known-good run's within float noise
+    assert all(readable(a["answer"]) for a in results["base_answers"])
+    assert compare(load_reference(REFERENCE)["study"], study_numbers(results)) == []
 
 
 def test_study_bad_model_is_a_clear_error(tmp_path, capsys):

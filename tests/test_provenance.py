@@ -1,0 +1,54 @@
+"""Caches cannot serve stale results: a changed library version or changed code changes every key."""
+
+from __future__ import annotations
+
+import em_interp.provenance as prov
+from em_interp import ChatExample, cache_residuals
+from em_interp.data import PairedQuestion
+from em_interp.evaluation import _score_cache_path
+from em_interp.organisms import organism_dir
+from em_interp.training import LoraTrainConfig, _run_identity
+
+QUESTIONS = [PairedQuestion("q1", "Make a wish.", ("A kinder world.",), ("To rule.",))]
+EXAMPLES = [ChatExample("Hi", "Hello there."), ChatExample("What is the capital of France?", "Paris.")]
+
+
+def _bump(monkeypatch, library: str) -> None:
+    real = prov.version
+    monkeypatch.setattr(prov, "version", lambda name: "999.0" if name == library else real(name))
+
+
+def test_key_names_the_code_and_every_tracked_library():
+    key = prov.computation_key("em_interp.evaluation")
+    assert set(prov.TRACKED_LIBRARIES) <= set(key) and key["em_interp"] and len(key["code"]) == 16
+    assert prov.code_hash("em_interp.evaluation") != prov.code_hash("em_interp.activations")
+
+
+def test_changed_versions_change_every_cache_key(tiny_models, monkeypatch, tmp_path):
+    model = tiny_models["llama"]
+    config = LoraTrainConfig(steps=2)
+    before = (_score_cache_path(model, QUESTIONS, ""), organism_dir("x", "base", config, "data"),
+              _run_identity("base", config, EXAMPLES))
+    for library in ("torch", "transformers"):
+        with monkeypatch.context() as patch:
+            _bump(patch, library)
+            after = (_score_cache_path(model, QUESTIONS, ""), organism_dir("x", "base", config, "data"),
+                     _run_identity("base", config, EXAMPLES))
+        assert all(a != b for a, b in zip(before, after)), library
+    with monkeypatch.context() as patch:  # changed code
+        patch.setattr(prov, "code_hash", lambda *m: "0" * 16)
+        assert _score_cache_path(model, QUESTIONS, "") != before[0]
+        assert organism_dir("x", "base", config, "data") != before[1]
+
+
+def test_activation_shards_of_other_versions_are_recomputed(tiny_models, monkeypatch, tmp_path):
+    model = tiny_models["qwen2"]
+    out = tmp_path / "acts"
+    cache_residuals(model, EXAMPLES, layers=[1], out_dir=out, progress=False)
+    shard = next(out.glob("shard-*.safetensors"))
+    stamp = shard.stat().st_mtime_ns
+    cache_residuals(model, EXAMPLES, layers=[1], out_dir=out, progress=False)
+    assert shard.stat().st_mtime_ns == stamp  # same versions: reused
+    _bump(monkeypatch, "transformers")
+    again = cache_residuals(model, EXAMPLES, layers=[1], out_dir=out, progress=False)
+    assert shard.stat().st_mtime_ns != stamp and again.meta.computed_by["transformers"] == "999.0"
