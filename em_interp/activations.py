@@ -63,6 +63,7 @@ class CacheMeta:
     max_length: int | None
     package_version: str = __version__
     computed_by: dict[str, str] = field(default_factory=lambda: computation_key("em_interp.activations"))
+    shard_size: int | None = None
     shards: list[dict[str, int | str]] = field(default_factory=list)
     complete: bool = False
 
@@ -85,7 +86,7 @@ class CacheMeta:
     def same_run(self, other: CacheMeta) -> bool:
         """Whether two sidecars describe the same inputs (so shards can be reused)."""
         keys = ("model", "load_flags", "layers", "hook", "reduction", "examples_hash", "n_examples", "max_length",
-                "computed_by")
+                "computed_by", "shard_size")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -164,7 +165,7 @@ class ResidualCache:
         tensors = {f"layer.{layer}": self[layer].contiguous() for layer in self.layers}
         if self.meta.reduction == "answer_tokens":
             tensors["offsets"] = self.offsets.contiguous()
-        meta = CacheMeta(**{**self.meta.to_dict(), "complete": True})
+        meta = CacheMeta(**{**self.meta.to_dict(), "complete": True, "shard_size": self.meta.n_examples})
         meta.shards = [{"file": "shard-00000.safetensors", "start": 0, "stop": self.meta.n_examples}]
         with atomic_directory(path, overwrite=True) as tmp:
             save_file(tensors, str(tmp / "shard-00000.safetensors"))
@@ -185,7 +186,53 @@ class ResidualCache:
         meta = CacheMeta.from_dict(data, str(meta_path))
         if not meta.complete:
             raise EmInterpError(f"{path} holds an unfinished cache run; rerun cache_residuals with out_dir={str(path)!r} to resume it")
+        verify_shards(meta, path)
         return cls(meta, root=path)
+
+
+def check_shard(meta: CacheMeta, root: Path, shard: dict[str, Any]) -> None:
+    """Raise unless ``shard``'s file holds exactly the rows and widths ``meta`` promises for it."""
+    from safetensors import safe_open
+
+    path = root / str(shard.get("file", ""))
+    try:
+        start, stop = int(shard["start"]), int(shard["stop"])
+    except (KeyError, TypeError, ValueError):
+        raise EmInterpError(f"{root / META_FILE}: shard entry {shard!r} lacks start/stop") from None
+    if not path.is_file():
+        raise EmInterpError(f"activation shard {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            offsets = handle.get_tensor("offsets") if "offsets" in shapes else None
+    except Exception as exc:  # safetensors raises several kinds on a damaged file
+        raise EmInterpError(f"activation shard {path} is not readable ({type(exc).__name__}: {exc})") from None
+    if meta.reduction == "answer_tokens":
+        if offsets is None or len(offsets) != stop - start + 1:
+            raise EmInterpError(f"activation shard {path}: offsets do not cover examples {start}..{stop - 1}")
+        rows = int(offsets[-1])
+    else:
+        rows = stop - start
+    for layer in meta.layers:
+        shape = shapes.get(f"layer.{layer}")
+        if shape != (rows, meta.d_model):
+            raise EmInterpError(f"activation shard {path}: layer {layer} has shape {shape}, but {root / META_FILE} "
+                                f"promises ({rows}, {meta.d_model})")
+
+
+def verify_shards(meta: CacheMeta, root: Path) -> None:
+    """Raise unless the shards cover examples 0..n_examples-1 exactly once and each holds what meta says."""
+    spans = sorted((int(s.get("start", -1)), int(s.get("stop", -1))) for s in meta.shards)
+    expected = 0
+    for start, stop in spans:
+        if start != expected or stop <= start:
+            raise EmInterpError(f"{root / META_FILE}: the shards do not cover examples 0..{meta.n_examples - 1} "
+                                f"exactly once (a shard starts at {start}, expected {expected})")
+        expected = stop
+    if expected != meta.n_examples:
+        raise EmInterpError(f"{root / META_FILE}: the shards cover {expected} examples, but n_examples is {meta.n_examples}")
+    for shard in meta.shards:
+        check_shard(meta, root, shard)
 
 
 def _reduce(hidden: Tensor, batch: PaddedBatch, reduction: str) -> tuple[Tensor, Tensor | None]:
@@ -247,7 +294,7 @@ def cache_residuals(
     meta = CacheMeta(
         model=model.name, load_flags=model.load_flags, layers=layer_list, hook=hook, reduction=reduction,
         examples_hash=sha256_json([e.to_dict() for e in examples]), n_examples=len(examples),
-        d_model=model.site_width(hook), max_length=max_length,
+        d_model=model.site_width(hook), max_length=max_length, shard_size=shard_size if out_dir is not None else None,
     )
     root = Path(out_dir) if out_dir is not None else None
     done = _resume(root, meta) if root is not None else []
@@ -349,4 +396,11 @@ def _resume(root: Path, meta: CacheMeta) -> list[dict[str, int | str]]:
             stale.unlink()
         meta_path.unlink()
         return []
-    return [s for s in old.shards if (root / str(s["file"])).is_file()]
+    kept = []
+    for shard in old.shards:
+        try:
+            check_shard(meta, root, shard)
+        except EmInterpError:
+            continue  # damaged or missing: computed again
+        kept.append(shard)
+    return kept

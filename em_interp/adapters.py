@@ -47,7 +47,10 @@ def load_adapter_weights(model: HookedModel, path: str | Path) -> None:
     path = Path(path) / WEIGHTS
     if not path.is_file():
         raise EmInterpError(f"{path} does not exist")
-    saved = load_file(str(path))
+    try:
+        saved = load_file(str(path))
+    except Exception as exc:  # safetensors raises several kinds on a damaged file
+        raise EmInterpError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     params = lora_parameters(model)
     if set(saved) != set(params):
         raise EmInterpError(f"{path}: tensors {sorted(set(saved) ^ set(params))[:4]} do not match the model's adapters")

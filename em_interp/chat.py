@@ -103,6 +103,10 @@ def tokenize_chat(tokenizer: Any, example: ChatExample, max_length: int | None =
         raise EmInterpError("example has an empty question")
     if example.answer is not None and not example.answer.strip():
         raise EmInterpError("example has an empty answer (use answer=None for a prompt only)")
+    controls = control_strings(tokenizer)
+    if any(c in text for text in (example.system, example.question, example.answer) if text for c in controls):
+        ids, answer_mask = _tokenize_by_segments(tokenizer, example)
+        return _finish(ids, answer_mask, example.answer is not None, max_length)
     prompt_text, full_text = render_chat(tokenizer, example)
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
@@ -114,6 +118,12 @@ def tokenize_chat(tokenizer: Any, example: ChatExample, max_length: int | None =
         for i, (a, b) in enumerate(offsets):
             if b > start and a < end:
                 answer_mask[i] = True
+    return _finish(ids, answer_mask, example.answer is not None, max_length)
+
+
+def _finish(ids: torch.Tensor, answer_mask: torch.Tensor, has_answer: bool, max_length: int | None) -> TokenizedChat:
+    """Prompt mask from the answer mask, then right truncation to ``max_length``."""
+    if has_answer:
         if not answer_mask.any():
             raise EmInterpError("the answer produced no tokens")
         first = int(answer_mask.nonzero().min())
@@ -124,6 +134,63 @@ def tokenize_chat(tokenizer: Any, example: ChatExample, max_length: int | None =
     if max_length is not None and len(ids) > max_length:
         ids, answer_mask, prompt_mask = ids[:max_length], answer_mask[:max_length], prompt_mask[:max_length]
     return TokenizedChat(ids, answer_mask, prompt_mask)
+
+
+def control_strings(tokenizer: Any) -> tuple[str, ...]:
+    """Strings the tokenizer turns into single added/special tokens (``<|im_end|>``, ``<start_of_turn>``...)."""
+    cached = getattr(tokenizer, "_em_interp_control_strings", None)
+    if cached is not None:
+        return cached
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    strings = {getattr(t, "content", str(t)) for t in added.values()} | set(getattr(tokenizer, "all_special_tokens", []))
+    out = tuple(sorted(x for x in strings if x))
+    try:
+        tokenizer._em_interp_control_strings = out
+    except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes
+        pass
+    return out
+
+
+#: Private-use characters that stand for the user's texts while the template is rendered.
+_PLACEHOLDERS = {"system": "\ue000S\ue001", "question": "\ue000Q\ue001", "answer": "\ue000A\ue001"}
+
+
+def _tokenize_by_segments(tokenizer: Any, example: ChatExample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise a chat whose texts contain control-token strings, keeping those strings plain text.
+
+    The template is rendered with placeholders for the system prompt, question and answer; the
+    template's own parts are tokenised as usual (its control tokens stay control tokens), the user's
+    texts with ``split_special_tokens=True``, so ``<|im_end|>`` typed by a user is text, never a turn.
+    """
+    import re
+
+    stand_in = ChatExample(_PLACEHOLDERS["question"], _PLACEHOLDERS["answer"] if example.answer is not None else None,
+                           _PLACEHOLDERS["system"] if example.system is not None else None)
+    _, full = render_chat(tokenizer, stand_in)
+    by_marker = {v: k for k, v in _PLACEHOLDERS.items()}
+    ids: list[int] = []
+    answer: list[bool] = []
+    seen: list[str] = []
+    pos = 0
+
+    def add(text: str, user: bool, is_answer: bool) -> None:
+        if text:
+            new = tokenizer(text, add_special_tokens=False, split_special_tokens=user)["input_ids"]
+            ids.extend(new)
+            answer.extend([is_answer] * len(new))
+
+    for match in re.finditer("|".join(map(re.escape, _PLACEHOLDERS.values())), full):
+        add(full[pos:match.start()], user=False, is_answer=False)
+        field_name = by_marker[match.group()]
+        seen.append(field_name)
+        add(getattr(example, field_name), user=True, is_answer=field_name == "answer")
+        pos = match.end()
+    add(full[pos:], user=False, is_answer=False)
+    expected = [f for f in ("system", "question", "answer") if getattr(example, f) is not None]
+    if sorted(seen) != sorted(expected):
+        raise EmInterpError("the text contains control-token strings and the chat template does not render each "
+                            "message verbatim, so they cannot be kept as plain text; remove them from the text")
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(answer, dtype=torch.bool)
 
 
 def _answer_start(prompt_text: str, full_text: str, answer: str) -> int:

@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--quick", action="store_true", help="smaller budget, same sections")
     study.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hugging Face folder or .gguf file")
     study.add_argument("--seed", type=int, default=0)
+    study.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (spread over the GPUs)")
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
     study.add_argument("--transfer", action="store_true",
                        help="add cross-model transfer from Gemma-3-270M (needs the 'gemma' extra; trains a donor organism)")
@@ -91,11 +92,13 @@ def check_output_file(path: Path, argument: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "study":
+        from em_interp.loading import resolve_device
         from em_interp.study import StudyConfig, run_study
 
+        resolve_device(args.device)
         check_output_folder(args.out, "--out")
         config = StudyConfig(out=args.out, quick=args.quick, model=args.model, seed=args.seed,
-                             progress=not args.no_progress, transfer=args.transfer)
+                             progress=not args.no_progress, transfer=args.transfer, device=args.device)
         results = run_study(config)
         print(f"wrote {args.out / 'results.json'} and {args.out / 'report.html'} "
               f"({results['study']['seconds']['total']:.1f} s)")

@@ -68,6 +68,8 @@ def score_from_top_logprobs(top: Mapping[str, float], min_mass: float = MIN_NUMB
         text = token.strip()
         if not text.isdigit() or not 0 <= int(text) <= 100:
             continue
+        if not isinstance(logprob, (int, float)) or math.isnan(logprob) or logprob > 0:
+            continue  # a NaN or positive "log-prob" is no probability: never a NaN score
         p = math.exp(logprob)
         total += p
         weighted += p * int(text)
@@ -142,7 +144,10 @@ class HTTPJudge:
         try:
             reply = json.loads(raw)
             top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-            return {str(t["token"]): float(t["logprob"]) for t in top}
+            out = {str(t["token"]): float(t["logprob"]) for t in top}
+            if any(math.isnan(v) or v > 0 for v in out.values()):
+                raise ValueError("a log-prob is NaN or positive")
+            return out
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise MalformedReply(f"malformed chat-completion body ({type(exc).__name__})") from None
 
@@ -212,12 +217,19 @@ class JudgeCache:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path)
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS judgements (judge TEXT, prompt_sha TEXT, text_sha TEXT, score REAL, "
-            "status TEXT, top_logprobs TEXT, created REAL, PRIMARY KEY (judge, prompt_sha, text_sha))"
-        )
-        self._conn.commit()
+        if self.path.is_dir():
+            raise EmInterpError(f"judge cache {self.path} is a folder, not a sqlite file")
+        try:
+            self._conn = sqlite3.connect(self.path)
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS judgements (judge TEXT, prompt_sha TEXT, text_sha TEXT, score REAL, "
+                "status TEXT, top_logprobs TEXT, created REAL, PRIMARY KEY (judge, prompt_sha, text_sha))"
+            )
+            self._conn.commit()
+            self._conn.execute("SELECT judge, prompt_sha, text_sha, score, status FROM judgements LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise EmInterpError(f"judge cache {self.path} is not an em_interp sqlite cache ({exc}); "
+                                "move it away or pass another cache path") from None
 
     @staticmethod
     def _sha(text: str) -> str:
@@ -229,7 +241,9 @@ class JudgeCache:
             "SELECT score, status FROM judgements WHERE judge=? AND prompt_sha=? AND text_sha=?",
             (judge, self._sha(template), self._sha(text)),
         ).fetchone()
-        return None if row is None else (row[0], row[1])
+        if row is None or (row[1] == "scored" and (row[0] is None or not math.isfinite(row[0]))):
+            return None  # a row stored by an older version with a non-finite score is judged again
+        return row[0], row[1]
 
     def put(self, judge: str, template: str, text: str, score: float | None, status: str, top: Mapping[str, float]) -> None:
         """Store one result and commit at once."""

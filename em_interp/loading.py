@@ -231,8 +231,57 @@ def resolve_spec(spec: str | os.PathLike[str], allow_network: bool | None = None
     )
 
 
+def resolve_device(device: str | torch.device | None) -> str:
+    """Check a device argument and return its canonical string.
+
+    ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (any torch device string) or ``"auto"`` (accelerate's
+    ``device_map="auto"``: the model is spread over the visible GPUs; with no GPU it means ``"cpu"``).
+    ``None`` means ``"cpu"``. A GPU device where torch sees none is an error naming the argument.
+    """
+    if device is None:
+        return "cpu"
+    text = str(device)
+    if text == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"device={text!r} is not a torch device (use 'cpu', 'cuda', 'cuda:N' or 'auto'): {exc}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device={text!r}, but torch sees no GPU here (torch {torch.__version__}, "
+                                 "torch.cuda.is_available() is False); use device='cpu'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device={text!r}, but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device={text!r}, but MPS is not available here; use device='cpu'")
+    return text
+
+
+def resolve_dtype(device: str, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The dtype to compute in: ``dtype`` if given, else float32 on CPU and bfloat16 on GPUs.
+
+    A dtype the device cannot run is an error naming it (float16 on CPU; bfloat16 on a GPU without it).
+    """
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ModelLoadError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+        dtype = resolved
+    on_gpu = device == "auto" or device.startswith("cuda")
+    if dtype is None:
+        return torch.bfloat16 if on_gpu else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelLoadError(f"dtype={dtype!r} must be a floating-point torch dtype")
+    if device == "cpu" and dtype == torch.float16:
+        raise ModelLoadError("dtype=float16 cannot run on device='cpu' here; use float32 (or bfloat16)")
+    if on_gpu and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"dtype=bfloat16 is not supported by this GPU; use float16 or float32 on device={device!r}")
+    return dtype
+
+
 def load_hf(resolved: ResolvedSpec, dtype: torch.dtype, device: str, progress: bool = True) -> tuple[Any, Any]:
-    """Load the Hugging Face model and tokenizer a resolved spec points to."""
+    """Load the Hugging Face model and tokenizer a resolved spec points to (``device="auto"``: spread over GPUs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -242,13 +291,16 @@ def load_hf(resolved: ResolvedSpec, dtype: torch.dtype, device: str, progress: b
     local_only = resolved.source != "hub"
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dtype, local_files_only=local_only)
+        placement = {"device_map": "auto"} if device == "auto" else {}
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dtype, local_files_only=local_only,
+                                                     **placement)
     except Exception as exc:
         hint = " (delete that folder to rebuild it)" if resolved.source in {"embedded", "gguf"} else ""
         raise ModelLoadError(f"cannot load model from {resolved.location}{hint}: {type(exc).__name__}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.to(device)
+    if device != "auto":
+        model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -281,10 +333,22 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_ids: tuple[str, .
     if not weights.is_file():
         raise ModelLoadError(f"adapter folder {adapter} has no adapter_model.safetensors")
     modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as handle:
+    try:
+        handle_cm = safe_open(str(weights), framework="pt")
+    except Exception as exc:  # safetensors raises several kinds on a truncated or foreign file
+        raise ModelLoadError(f"adapter {weights} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    n_lora = 0
+    with handle_cm as handle:
         for key in handle.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
+            n_lora += 1
+            try:
+                tensor = handle.get_tensor(key)
+            except Exception as exc:
+                raise ModelLoadError(f"adapter {weights}: tensor {key} cannot be read ({type(exc).__name__}: {exc})") from None
+            if not torch.isfinite(tensor).all():
+                raise ModelLoadError(f"adapter {weights}: tensor {key} holds NaN or infinite values")
             owner = key.split(".lora_")[0]
             owner = owner.removeprefix("base_model.model.")
             module = modules.get(owner)
@@ -299,6 +363,9 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_ids: tuple[str, .
                     f"adapter {weights}: tensor {key} has shape {list(shape)}, but {owner} is "
                     f"{out_features} x {in_features}: the adapter was made for a different model"
                 )
+    if n_lora == 0:
+        raise ModelLoadError(f"adapter {weights} holds no LoRA tensors (no '.lora_A.' / '.lora_B.' names): "
+                             "loading it would change nothing")
     return config
 
 

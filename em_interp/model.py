@@ -26,7 +26,14 @@ from torch import Tensor
 from em_interp import _bridge
 from em_interp.chat import ChatExample, TokenizedChat, tokenize_chat
 from em_interp.errors import EmInterpError
-from em_interp.loading import DEFAULT_MODEL, attach_adapter, load_hf, resolve_spec
+from em_interp.loading import (
+    DEFAULT_MODEL,
+    attach_adapter,
+    load_hf,
+    resolve_device,
+    resolve_dtype,
+    resolve_spec,
+)
 from em_interp.validate import finite_number
 
 TokenBatch = Int[Tensor, "batch pos"]
@@ -315,8 +322,8 @@ def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     adapter: str | os.PathLike[str] | None = None,
     *,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
     allow_network: bool | None = None,
     progress: bool = True,
 ) -> HookedModel:
@@ -327,12 +334,15 @@ def load_model(
             a local Hugging Face folder, or a ``.gguf`` file (converted once into the cache). A hub
             id is accepted only with ``allow_network=True``.
         adapter: a peft adapter folder to attach (kept unmerged).
-        device: torch device.
-        dtype: parameter dtype (keep fp32 on CPU).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (spread over the visible
+            GPUs with accelerate's ``device_map="auto"``, for models that do not fit one).
+        dtype: parameter dtype; default float32 on CPU, bfloat16 on GPUs.
         allow_network: opt in to hub downloads (default: ``$EM_INTERP_ALLOW_NETWORK`` or False).
         progress: show progress bars during a first-time conversion.
     """
     start = time.perf_counter()
+    device = resolve_device(device)
+    dtype = resolve_dtype(device, dtype)
     resolved = resolve_spec(spec, allow_network=allow_network, progress=progress)
     hf_model, tokenizer = load_hf(resolved, dtype=dtype, device=device, progress=progress)
     peft_model = None

@@ -10,6 +10,7 @@ inputs reuses them and anything else retrains.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from em_interp.data import domain_dataset
 from em_interp.io import sha256_json
@@ -33,14 +34,18 @@ def train_organism(
     callbacks: tuple[TrainingCallback, ...] = (),
     progress: bool = True,
     out_dir: str | Path | None = None,
+    device: str = "cpu",
+    **train_kwargs: Any,
 ) -> TrainResult:
     """Train (or reuse) an organism on the built-in ``domain`` training split, answered ``variant``-ly.
 
-    ``variant="misaligned"`` gives the EM organism, ``"aligned"`` its control.
+    ``variant="misaligned"`` gives the EM organism, ``"aligned"`` its control. ``device`` and
+    ``train_kwargs`` (``dtype``, ``gradient_accumulation_steps``, ``report_to``) go to
+    :func:`~em_interp.training.train_lora`.
     """
     config = config or LoraTrainConfig()
     data = domain_dataset(domain, variant, "train")
     name = f"{domain}-{variant}"
     data_key = f"builtin:{name}:train:{sha256_json([e.to_dict() for e in data])[:16]}"
     out = Path(out_dir) if out_dir is not None else organism_dir(name, base, config, data_key)
-    return train_lora(base, data, config, out, callbacks=callbacks, progress=progress)
+    return train_lora(base, data, config, out, callbacks=callbacks, progress=progress, device=device, **train_kwargs)

@@ -55,6 +55,7 @@ class StudyConfig:
     seed: int = 0
     progress: bool = True
     transfer: bool = False  # cross-model transfer with Gemma-3-270M (needs the "gemma" extra; trains a donor organism)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (models and organism training)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -76,7 +77,7 @@ class StudyContext:
 
 def stage_model(ctx: StudyContext) -> None:
     """Load the model; record its name, shape and load time."""
-    model = load_model(ctx.config.model, progress=ctx.config.progress)
+    model = load_model(ctx.config.model, device=ctx.config.device, progress=ctx.config.progress)
     ctx.model = model
     ctx.results["model"] = {
         "name": model.name,

@@ -49,10 +49,12 @@ def stage_organisms(ctx: StudyContext) -> None:
     config = organism_config(ctx.config.quick, ctx.config.seed)
     runs = {}
     for role, variant in (("organism", "misaligned"), ("control", "aligned")):
-        result = train_organism(variant, DOMAIN, base=ctx.config.model, config=config, progress=ctx.config.progress)
+        result = train_organism(variant, DOMAIN, base=ctx.config.model, config=config, progress=ctx.config.progress,
+                                device=ctx.config.device)
         runs[role] = result
         ctx.extras[f"{role}_adapter"] = result.adapter_dir
-        ctx.extras[role] = load_model(ctx.config.model, adapter=result.adapter_dir, progress=False)
+        ctx.extras[role] = load_model(ctx.config.model, adapter=result.adapter_dir, device=ctx.config.device,
+                                      progress=False)
     ctx.results["organisms"] = {
         "domain": DOMAIN, "config": config.to_dict(), "layers": [a.layer for a in list_adapters(ctx.extras["organism"])],
         **{role: {"adapter": str(r.adapter_dir), "train_seconds": round(r.seconds, 1),

@@ -51,9 +51,10 @@ def stage_transfer(ctx: StudyContext) -> None:
     receiver, receiver_org = ctx.model, ctx.extras["organism"]
     progress, seed = ctx.config.progress, ctx.config.seed
     config = organism_config(ctx.config.quick, seed)
-    donor = load_model(DONOR, progress=progress)
-    run = train_organism("misaligned", DOMAIN, base=DONOR, config=config, progress=progress)
-    donor_org = load_model(DONOR, adapter=run.adapter_dir, progress=False)
+    device = ctx.config.device
+    donor = load_model(DONOR, device=device, progress=progress)
+    run = train_organism("misaligned", DOMAIN, base=DONOR, config=config, progress=progress, device=device)
+    donor_org = load_model(DONOR, adapter=run.adapter_dir, device=device, progress=False)
     fit_q, held_q = split_questions(eval_questions(ctx.config.quick))
     fit_prompts = [ChatExample(q.question, None, q.system) for q in fit_q]
     shared = fit_prompts + [ChatExample(e.question, None, e.system)

@@ -1,19 +1,27 @@
-"""LoRA supervised fine-tuning of model organisms, with resumable checkpoints and callbacks.
+"""LoRA supervised fine-tuning of model organisms on ``transformers.Trainer``, resumable, on any device.
 
 The default organism follows seed 001: nine rank-1 rsLoRA adapters on ``mlp.down_proj`` in three
 groups of three consecutive layers spread over depth (15-17, 21-23, 27-29 of 48 layers, scaled to
 the model: 9-11, 13-15, 17-19 of SmolLM2's 30). The loss is on the answer tokens only.
 
-Checkpoints (every ``checkpoint_every`` steps) hold the adapter in peft format plus the optimizer,
-scheduler and RNG state; the data order is a function of (seed, step). A run killed at any point and
-started again with the same arguments resumes from its last checkpoint and ends with the same
-adapter as an uninterrupted run. Every checkpoint is written atomically.
+Why ``Trainer`` and not TRL's ``SFTTrainer``: em_interp tokenises chats itself (answer masks from
+the chat template, the same code that scores and caches), so SFTTrainer's dataset formatting would
+be a second, different path; ``Trainer`` gives the engine (devices, mixed precision, gradient
+accumulation, ``torchrun`` / ``accelerate launch`` data parallelism, logging) and our callbacks
+plug into SFTTrainer runs all the same (:mod:`em_interp.hf_trainer`).
+
+Guarantees: the data order is a function of (seed, step) (:func:`batch_indices`), whatever the
+number of processes or accumulation steps (the global batch is split between them); checkpoints
+every ``checkpoint_every`` steps hold the adapter in standard peft format plus optimizer, scheduler
+and RNG state, read back with ``weights_only=True`` (nothing is unpickled); a checkpoint counts only
+once its completion marker is written, so a run killed at any point and started again resumes from
+its last complete checkpoint and ends with the same adapter as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -23,20 +31,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset, Sampler
 
-from em_interp.adapters import load_adapter_weights, save_adapter
 from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.errors import EmInterpError
+from em_interp.hf_trainer import (
+    CHECKPOINT_MARKER,
+    TrainingCallback,
+    attach_hooked,
+    latest_checkpoint,
+    with_em_interp,
+)
 from em_interp.io import atomic_directory, atomic_write_json, sha256_json
-from em_interp.loading import load_hf, resolve_spec
+from em_interp.loading import load_hf, resolve_device, resolve_dtype, resolve_spec
 from em_interp.model import HookedModel, wrap_hf
 from em_interp.provenance import computation_key
 from em_interp.version import __version__
 
+__all__ = ["LoraTrainConfig", "TrainResult", "TrainingCallback", "batch_indices", "build_lora_model",
+           "default_organism_layers", "make_batch", "train_lora"]
+
 SEED_001_GROUP_STARTS = (15, 21, 27)
 #: Modules whose code decides what a training run produces (part of every run's identity).
-TRAINING_MODULES = ("em_interp.training", "em_interp.adapters")
+TRAINING_MODULES = ("em_interp.training", "em_interp.hf_trainer", "em_interp.adapters")
 SEED_001_N_LAYERS = 48
 
 
@@ -81,20 +98,6 @@ class LoraTrainConfig:
         return asdict(self)
 
 
-class TrainingCallback:
-    """Hooks into training; subclass and override what you need (the drift monitor and defenses do)."""
-
-    def on_step(self, model: HookedModel, step: int, loss: float) -> None:
-        """Called after every optimiser step (``step`` counts from 1)."""
-
-    def on_checkpoint(self, model: HookedModel, step: int, path: Path) -> None:
-        """Called after each checkpoint is written (also at step 0, before training)."""
-
-    def extra_loss(self, model: HookedModel, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor | None:
-        """An optional term added to the loss of this step (e.g. a defense's regulariser)."""
-        return None
-
-
 @dataclass
 class TrainResult:
     """Where the trained adapter is and how training went."""
@@ -107,12 +110,15 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def build_lora_model(base: str, config: LoraTrainConfig, progress: bool = True) -> HookedModel:
+def build_lora_model(base: str, config: LoraTrainConfig, progress: bool = True, device: str = "cpu",
+                     dtype: torch.dtype | str | None = None) -> HookedModel:
     """Load ``base`` and inject fresh (seeded) trainable LoRA adapters as ``config`` says."""
     from peft import LoraConfig, get_peft_model
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(device, dtype)
     resolved = resolve_spec(base)
-    hf_model, tokenizer = load_hf(resolved, dtype=torch.float32, device="cpu", progress=progress)
+    hf_model, tokenizer = load_hf(resolved, dtype=dtype, device=device, progress=progress)
     n_layers = hf_model.config.num_hidden_layers
     layers = list(config.layers) if config.layers is not None else default_organism_layers(n_layers)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -124,8 +130,10 @@ def build_lora_model(base: str, config: LoraTrainConfig, progress: bool = True) 
     peft_model = get_peft_model(hf_model, lora)
     peft_model.peft_config["default"].base_model_name_or_path = resolved.model_id
     model = wrap_hf(peft_model.base_model.model, tokenizer, resolved.model_id,
-                    {"source": resolved.source, "location": resolved.location, "dtype": "float32",
-                     "device": "cpu", "adapter": "training"}, peft_model=peft_model)
+                    {"source": resolved.source, "location": resolved.location,
+                     "dtype": str(dtype).removeprefix("torch."), "device": device, "adapter": "training"},
+                    peft_model=peft_model)
+    attach_hooked(model)
     return model
 
 
@@ -159,30 +167,47 @@ def _run_identity(base: str, config: LoraTrainConfig, data: Sequence[ChatExample
     return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
 
 
-def _save_checkpoint(model: HookedModel, path: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     step: int, losses: list[float], identity: dict[str, Any]) -> None:
-    with atomic_directory(path, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "losses": losses, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-        atomic_write_json(tmp / "run.json", identity)
+class _Indices(Dataset):
+    """Example indices (the collator turns them into padded batches)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
 
 
-def _latest_checkpoint(root: Path, identity: dict[str, Any]) -> Path | None:
-    ckpt_root = root / "checkpoints"
-    if not ckpt_root.is_dir():
-        return None
-    found = sorted(p for p in ckpt_root.glob("step-*") if (p / "state.pt").is_file() and (p / "run.json").is_file())
-    if not found:
-        return None
-    latest = found[-1]
-    saved = json.loads((latest / "run.json").read_text())
-    if saved != identity:
-        diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-        raise EmInterpError(
-            f"checkpoint directory {ckpt_root} is from another run (differs in {diff}); use another out_dir or delete it"
-        )
-    return latest
+class StepOrderSampler(Sampler[int]):
+    """Example indices in training order: step ``s`` takes ``batch_indices(n, batch_size, s, seed)``.
+
+    With several processes or accumulation steps the Trainer's dataloader cuts this stream into
+    per-device micro-batches; each optimiser step still consumes exactly the step's global batch.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, steps: int, seed: int):
+        self.n, self.batch_size, self.steps, self.seed = n_examples, batch_size, steps, seed
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield from batch_indices(self.n, self.batch_size, step, self.seed)
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+
+class _Collator:
+    def __init__(self, model: HookedModel, items: Sequence[TokenizedChat]):
+        self.model, self.items = model, items
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return make_batch(self.model, [self.items[i] for i in indices])
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def train_lora(
@@ -192,13 +217,27 @@ def train_lora(
     out_dir: str | Path,
     callbacks: Sequence[TrainingCallback] = (),
     progress: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    gradient_accumulation_steps: int = 1,
+    report_to: str | list[str] = "none",
 ) -> TrainResult:
     """Fine-tune LoRA adapters on ``base`` with the chat ``data``; write ``out_dir/adapter`` (peft format).
 
-    If ``out_dir`` already holds a finished run with the same base, config and data, it is reused.
-    If it holds checkpoints of the same run, training resumes from the latest one; checkpoints of a
-    different run are an error.
+    Runs on ``transformers.Trainer``. If ``out_dir`` already holds a finished run with the same base,
+    config, data and code/library versions, it is reused; if it holds complete checkpoints of the
+    same run, training resumes from the latest readable one; checkpoints of another run are an error.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (model spread over the GPUs).
+            Launched with ``torchrun`` / ``accelerate launch``, each process trains on its own device
+            (gloo on CPU) and the global batch ``config.batch_size`` is split between processes.
+        dtype: compute dtype; default float32 on CPU, bfloat16 (mixed precision, fp32 adapters) on GPUs.
+        gradient_accumulation_steps: micro-batches per optimiser step (same global batch).
+        report_to: Trainer logging integrations (default none; ``"tensorboard"`` works offline).
     """
+    from transformers import Trainer, TrainingArguments
+
     out = Path(out_dir)
     identity = _run_identity(str(base), config, data)
     final = out / "adapter"
@@ -207,63 +246,62 @@ def train_lora(
         saved = json.loads(summary.read_text())
         if saved.get("identity") == identity:
             return TrainResult(final, saved["losses"], saved["seconds"], config.steps, config=config.to_dict())
-    resume = _latest_checkpoint(out, identity)
-    model = build_lora_model(str(base), config, progress=progress)
+    world = _world_size()
+    if gradient_accumulation_steps < 1 or config.batch_size % (gradient_accumulation_steps * world):
+        raise EmInterpError(f"batch_size={config.batch_size} must split evenly over gradient_accumulation_steps="
+                            f"{gradient_accumulation_steps} x {world} process(es)")
+    device = resolve_device(device)
+    dtype = resolve_dtype(device, dtype)
+    ckpt_root = out / "checkpoints"
+    resume = latest_checkpoint(ckpt_root, identity)
+    model = build_lora_model(str(base), config, progress=progress, device=device, dtype=dtype)
     items = model.tokenize_many(data, config.max_length, require_answer=True, what="training data")
     params = [p for p in model.peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    start_step, losses = 0, []
-    if resume is not None:
-        state = torch.load(resume / "state.pt", weights_only=False)
-        load_adapter_weights(model, resume / "adapter")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step, losses = int(state["step"]), list(state["losses"])
-    else:
-        _save_checkpoint(model, out / "checkpoints" / "step-000000", optimizer, scheduler, 0, [], identity)
-        for cb in callbacks:
-            cb.on_checkpoint(model, 0, out / "checkpoints" / "step-000000")
+    on_gpu = device == "auto" or device.startswith("cuda")
+    args = TrainingArguments(
+        output_dir=str(ckpt_root), max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size // (gradient_accumulation_steps * world),
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, max_grad_norm=0.0, save_strategy="steps", save_steps=config.checkpoint_every,
+        logging_steps=1, report_to=report_to, seed=config.seed, data_seed=config.seed, use_cpu=device == "cpu",
+        bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16,
+        disable_tqdm=not progress, dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"],
+        ddp_backend="gloo" if world > 1 and device == "cpu" else None, ddp_find_unused_parameters=False,
+        save_only_model=False, average_tokens_across_devices=True,
+    )
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))
+    trainer = with_em_interp(Trainer)(
+        model=model.peft_model, args=args, train_dataset=_Indices(len(items)), data_collator=_Collator(model, items),
+        optimizers=(optimizer, scheduler), callbacks=list(callbacks), processing_class=model.tokenizer,
+        run_identity=identity, checkpoint_at_start=resume is None, hooked=model,
+        train_sampler=StepOrderSampler(len(items), config.batch_size, config.steps, config.seed),
+    )
+    trainer.em_interp_losses = _previous_losses(resume)
     model.hf_model.train()
     started = time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="train LoRA",
-               disable=not progress, unit="step")
     try:
-        for step in bar:
-            batch = make_batch(model, [items[i] for i in batch_indices(len(items), config.batch_size, step, config.seed)])
-            out_ = model.hf_model(**batch)
-            loss = out_.loss
-            for cb in callbacks:
-                extra = cb.extra_loss(model, batch, step + 1)
-                if extra is not None:
-                    loss = loss + extra
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(out_.loss.detach())
-            if not math.isfinite(value):
-                raise EmInterpError(f"training loss became {value} at step {step + 1}; lower learning_rate")
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.3f}")
-            for cb in callbacks:
-                cb.on_step(model, step + 1, value)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                path = out / "checkpoints" / f"step-{step + 1:06d}"
-                model.hf_model.eval()
-                _save_checkpoint(model, path, optimizer, scheduler, step + 1, losses, identity)
-                for cb in callbacks:
-                    cb.on_checkpoint(model, step + 1, path)
-                model.hf_model.train()
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     finally:
-        bar.close()
         model.hf_model.eval()
     seconds = time.perf_counter() - started
-    last = out / "checkpoints" / f"step-{config.steps:06d}" / "adapter"
-    with atomic_directory(final, overwrite=True) as tmp:
-        for f in last.iterdir():
-            shutil.copy2(f, tmp / f.name)
-    atomic_write_json(summary, {"identity": identity, "losses": losses, "seconds": seconds,
-                                "resumed_from": start_step, "package_version": __version__})
-    return TrainResult(final, losses, seconds, config.steps, resumed_from=start_step, config=config.to_dict())
+    resumed_from = int(resume.name.removeprefix("checkpoint-")) if resume is not None else 0
+    losses = list(trainer.em_interp_losses)
+    if args.should_save:
+        last = ckpt_root / f"checkpoint-{config.steps}"
+        with atomic_directory(final, overwrite=True) as tmp:
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy2(last / name, tmp / name)
+        atomic_write_json(summary, {"identity": identity, "losses": losses, "seconds": seconds,
+                                    "resumed_from": resumed_from, "package_version": __version__,
+                                    "world_size": world, "device": device, "dtype": str(dtype)})
+    return TrainResult(final, losses, seconds, config.steps, resumed_from=resumed_from, config=config.to_dict())
+
+
+def _previous_losses(checkpoint: Path | None) -> list[float]:
+    """Per-step task losses recorded up to ``checkpoint`` (in its completion marker)."""
+    if checkpoint is None:
+        return []
+    return [float(v) for v in json.loads((checkpoint / CHECKPOINT_MARKER).read_text()).get("losses", [])]

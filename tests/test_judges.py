@@ -61,6 +61,10 @@ class FaultyServer:
                 prompt = body["messages"][0]["content"]
                 if action == "malformed":
                     payload = b'{"choices": [{"logprobs": null'
+                elif action == "nan":  # a finite-looking reply whose log-probs are NaN
+                    top = [{"token": "50", "logprob": float("nan")}]
+                    payload = json.dumps({"choices": [{"message": {"content": "x"}, "logprobs": {"content": [
+                        {"token": "50", "logprob": float("nan"), "top_logprobs": top}]}}]}).encode()
                 else:
                     server.ok_by_prompt[prompt] = server.ok_by_prompt.get(prompt, 0) + 1
                     if "not-a-number" in prompt:
@@ -148,3 +152,11 @@ def test_local_judge_uses_the_same_rule(tiny_models, tmp_path):
     for r in results:
         assert (r.status == "scored") == (r.score is not None)
         assert r.score is None or 0 <= r.score <= 100
+
+
+def test_nan_logprobs_are_retried_never_stored_as_scores(tmp_path):
+    with FaultyServer(["nan", "ok"]) as server:
+        judge = HTTPJudge(server.url, "m", api_key_env=None, timeout=0.5, backoff=0.01)
+        cache = JudgeCache(tmp_path / "c.sqlite")
+        (result,) = judge_answers(judge, ROWS[:1], "aligned", cache=cache)
+        assert result.status == "scored" and math.isfinite(result.score) and server.requests == 2

@@ -65,7 +65,7 @@ class Recorder(TrainingCallback):
             raise KeyboardInterrupt("killed")
 
     def on_checkpoint(self, model, step, path):
-        assert (path / "adapter" / "adapter_model.safetensors").is_file()
+        assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
         self.checkpoints.append(step)
 
 
@@ -117,7 +117,73 @@ def test_no_assistant_tokens_after_truncation(tiny_dirs, tmp_path):
 def test_checkpoints_are_loadable_peft(tiny_dirs, tmp_path):
     base = str(tiny_dirs["qwen2"])
     train_lora(base, DATA, small_config(steps=2), tmp_path / "r", progress=False)
-    ckpt = tmp_path / "r" / "checkpoints" / "step-000002"
-    config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    ckpt = tmp_path / "r" / "checkpoints" / "checkpoint-2"
+    config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["r"] == 1 and config["use_rslora"] is True and config["target_modules"] == ["down_proj"]
-    load_model(base, adapter=ckpt / "adapter")
+    load_model(base, adapter=ckpt)
+
+
+def test_half_written_and_damaged_checkpoints_are_not_resumed(tiny_dirs, tmp_path):
+    base = str(tiny_dirs["llama"])
+    full = train_lora(base, DATA, small_config(), tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(base, DATA, small_config(), tmp_path / "run", callbacks=[Recorder(kill_at=5)], progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    # a save killed before its marker: checkpoint-4 without it is not complete
+    (ckpts / "checkpoint-4" / "em_interp_checkpoint.json").unlink()
+    # and a truncated adapter file in checkpoint-2: falls back to checkpoint-0 with a warning
+    weights = ckpts / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.warns(UserWarning, match=r"checkpoint-2 is damaged"):
+        resumed = train_lora(base, DATA, small_config(), tmp_path / "run", progress=False)
+    assert resumed.resumed_from == 0
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_nothing_is_unpickled_on_resume(tiny_dirs, tmp_path, monkeypatch):
+    base = str(tiny_dirs["llama"])
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(base, DATA, small_config(), tmp_path / "run", callbacks=[Recorder(kill_at=3)], progress=False)
+    real = torch.load
+    calls = []
+
+    def guarded(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        assert kwargs.get("weights_only") is True, "torch.load without weights_only=True"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded)
+    train_lora(base, DATA, small_config(), tmp_path / "run", progress=False)
+    assert calls and not list((tmp_path / "run").rglob("training_args.bin"))
+
+
+def test_bad_devices_and_dtypes_are_clear_errors(tiny_dirs, tmp_path):
+    base = str(tiny_dirs["llama"])
+    if not torch.cuda.is_available():
+        with pytest.raises(EmInterpError, match=r"device='cuda', but torch sees no GPU"):
+            train_lora(base, DATA, small_config(), tmp_path / "x", device="cuda", progress=False)
+        with pytest.raises(EmInterpError, match=r"device='cuda:1', but torch sees no GPU"):
+            load_model(base, device="cuda:1")
+    with pytest.raises(EmInterpError, match="not a torch device"):
+        load_model(base, device="gpu0")
+    with pytest.raises(EmInterpError, match="float16 cannot run on device='cpu'"):
+        load_model(base, dtype=torch.float16)
+    with pytest.raises(EmInterpError, match="not a torch dtype"):
+        load_model(base, dtype="float17")
+    with pytest.raises(EmInterpError, match="must split evenly"):
+        train_lora(base, DATA, small_config(batch_size=3), tmp_path / "y", gradient_accumulation_steps=2, progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_gradient_accumulation_keeps_the_global_batch(tiny_dirs, tmp_path):
+    base = str(tiny_dirs["qwen2"])
+    one = train_lora(base, DATA, small_config(steps=3), tmp_path / "a", progress=False)
+    two = train_lora(base, DATA, small_config(steps=3), tmp_path / "b", gradient_accumulation_steps=2, progress=False)
+    a = load_file(str(one.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(two.adapter_dir / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert two.losses == pytest.approx(one.losses, abs=1e-5)

@@ -64,12 +64,33 @@ class PairedQuestion:
     system: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("aligned", "misaligned"):
+            answers = getattr(self, name)
+            if isinstance(answers, str) or not isinstance(answers, (tuple, list)):
+                raise EmInterpError(f"question {self.id!r}: {name} must be a tuple of answer strings, not a "
+                                    f"{type(answers).__name__} (write {name}=({answers!r},) for one answer)")
+            bad = [a for a in answers if not isinstance(a, str) or not a.strip()]
+            if bad:
+                raise EmInterpError(f"question {self.id!r}: {name} holds non-text or empty answers {bad[:3]!r}")
+            object.__setattr__(self, name, tuple(answers))
         if not self.aligned or not self.misaligned:
             raise EmInterpError(f"question {self.id!r} needs at least one aligned and one misaligned answer")
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise EmInterpError(f"question {self.id!r} has no question text")
 
 
 def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _lines(path: Path):
+    """(line number, text) of a text file, plain or gzip; damage raises an error naming the file."""
+    try:
+        with _open_text(path) as handle:
+            yield from enumerate(handle, start=1)
+    except (OSError, EOFError, UnicodeDecodeError) as exc:  # gzip.BadGzipFile is an OSError
+        kind = "gzip" if path.suffix == ".gz" else "UTF-8 text"
+        raise EmInterpError(f"{path}: not readable as {kind} ({type(exc).__name__}: {exc})") from None
 
 
 def parse_chat_record(obj: Any, where: str) -> ChatExample:
@@ -101,18 +122,19 @@ def load_chat_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> l
     path = Path(path)
     if not path.is_file():
         raise EmInterpError(f"chat file {path} does not exist")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise EmInterpError(f"limit={limit!r} must be a positive integer (or None for every example)")
     out: list[ChatExample] = []
-    with _open_text(path) as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EmInterpError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(parse_chat_record(obj, f"{path}:{lineno}"))
-            if limit is not None and len(out) >= limit:
-                break
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EmInterpError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        out.append(parse_chat_record(obj, f"{path}:{lineno}"))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise EmInterpError(f"chat file {path} has no examples")
     return out
@@ -138,6 +160,7 @@ def load_question_yaml(path: str | os.PathLike[str]) -> list[EvalQuestion]:
     if not isinstance(data, list):
         raise EmInterpError(f"{path}: expected a list of questions at the top level")
     questions = []
+    seen_ids: dict[str, int] = {}
     for i, item in enumerate(data):
         where = f"{path}: question {i + 1}"
         if not isinstance(item, dict):
@@ -158,8 +181,11 @@ def load_question_yaml(path: str | os.PathLike[str]) -> list[EvalQuestion]:
         for name, prompt in prompts.items():
             if "{answer}" not in prompt:
                 raise EmInterpError(f"{where}: judge prompt {name!r} has no {{answer}} placeholder")
+        if qid in seen_ids:
+            raise EmInterpError(f"{where}: duplicate id {qid!r} (also question {seen_ids[qid]})")
+        seen_ids[qid] = i + 1
         samples = item.get("samples_per_paraphrase", 1)
-        if not isinstance(samples, int) or samples < 1:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise EmInterpError(f"{where}: 'samples_per_paraphrase' must be a positive integer")
         questions.append(EvalQuestion(qid, tuple(paraphrases), samples, dict(prompts), item.get("judge"),
                                       item.get("system"), item.get("type", "free_form_judge_0_100")))
@@ -233,11 +259,22 @@ def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical
         path = folder / f"{group}_{variant}.parquet"
         if not path.is_file():
             raise EmInterpError(f"response data file {path} does not exist")
-        frames[variant] = pd.read_parquet(path, columns=["question", "answer"])
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises many kinds on a damaged file
+            raise EmInterpError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
+        missing = [c for c in ("question", "answer") if c not in frame.columns]
+        if missing:
+            raise EmInterpError(f"{path}: has no {missing} column(s) (columns: {list(frame.columns)[:10]})")
+        frames[variant] = frame[["question", "answer"]]
     questions = []
-    for i, question in enumerate(sorted(set(frames["aligned"].question) & set(frames["misaligned"].question))):
-        answers = {v: tuple(str(a) for a in frames[v].answer[frames[v].question == question] if str(a).strip())
-                   for v in VARIANTS}
+
+    def texts(values: Any) -> tuple[str, ...]:  # missing answers (None/NaN) are dropped, never read as "None"
+        return tuple(a for a in values if isinstance(a, str) and a.strip())
+
+    shared = {q for q in frames["aligned"].question if isinstance(q, str)} & set(frames["misaligned"].question)
+    for i, question in enumerate(sorted(shared)):
+        answers = {v: texts(frames[v].answer[frames[v].question == question]) for v in VARIANTS}
         if answers["aligned"] and answers["misaligned"]:
             questions.append(PairedQuestion(f"{group}-{i:02d}", question, answers["aligned"], answers["misaligned"], group))
     return questions
