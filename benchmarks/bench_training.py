@@ -51,8 +51,8 @@ class StepClock(TrainingCallback):
         self.losses.append(loss)
 
 
-def bare_loop(base: str, data, config: LoraTrainConfig, device: str) -> tuple[list[float], list[float]]:
-    """The same training with peft + torch only (no hooks, no Trainer); returns (step times, losses)."""
+def bare_loop(base: str, data, config: LoraTrainConfig, device: str, hooked: bool = False) -> tuple[list[float], list[float]]:
+    """The same training with peft + torch only (no Trainer; no hooks unless ``hooked``); (step times, losses)."""
     from peft import LoraConfig, get_peft_model
 
     from em_interp.chat import tokenize_chat
@@ -64,6 +64,10 @@ def bare_loop(base: str, data, config: LoraTrainConfig, device: str) -> tuple[li
     model = get_peft_model(hf, LoraConfig(r=config.rank, lora_alpha=config.alpha, use_rslora=config.use_rslora,
                                           lora_dropout=0.0, target_modules=list(config.target_modules),
                                           layers_to_transform=layers, bias="none"))
+    if hooked:  # the same loop with the TransformerLens bridge booted: what the hooks cost alone
+        from em_interp._bridge import boot
+
+        boot(model.base_model.model, tok, base)
     items = [tokenize_chat(tok, e, config.max_length) for e in data]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -120,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         bare_t, bare_l = bare_loop(args.model, data, config, device)
         ours_t, ours_l, _ = timed_train_lora(args.model, data, config, device)
-        b, o = statistics.median(bare_t[1:]), statistics.median(ours_t[1:])
+        hook_t, _ = bare_loop(args.model, data, config, device, hooked=True)
+        b, o, h = statistics.median(bare_t[1:]), statistics.median(ours_t[1:]), statistics.median(hook_t[1:])
         print(f"median step: bare peft+torch {b:.3f} s, train_lora {o:.3f} s, ratio {o / b:.3f} (target <= 1.05)")
+        print(f"  of which the hooks (same bare loop, bridge booted): {h:.3f} s = {h / b:.3f}x; "
+              f"Trainer and callbacks: {o / h:.3f}x")
         print(f"loss curves: max |train_lora - bare| = {max(abs(x - y) for x, y in zip(ours_l, bare_l)):.2e}")
     else:
         cpu_t, cpu_l, _ = timed_train_lora(args.model, data, config, "cpu")

@@ -279,6 +279,7 @@ def train_lora(
         run_identity=identity, checkpoint_at_start=resume is None, hooked=model,
         train_sampler=StepOrderSampler(len(items), config.batch_size, config.steps, config.seed),
     )
+    _quiet_logs(trainer, progress)
     trainer.em_interp_losses = _previous_losses(resume)
     model.hf_model.train()
     started = time.perf_counter()
@@ -298,6 +299,23 @@ def train_lora(
                                     "resumed_from": resumed_from, "package_version": __version__,
                                     "world_size": world, "device": device, "dtype": str(dtype)})
     return TrainResult(final, losses, seconds, config.steps, resumed_from=resumed_from, config=config.to_dict())
+
+
+def _quiet_logs(trainer: Any, progress: bool) -> None:
+    """Keep the Trainer's progress bar (when ``progress``) but not its per-step log lines on stdout.
+
+    The losses are in :class:`TrainResult` and, with ``report_to``, in the logging integrations.
+    """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(QuietProgress)
 
 
 def _previous_losses(checkpoint: Path | None) -> list[float]:
