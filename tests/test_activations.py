@@ -65,7 +65,8 @@ def test_save_load_roundtrip(tiny_models, tmp_path):
     cache = cache_residuals(model, EXAMPLES, layers=[0, 2], reduction="answer_tokens", progress=False)
     cache.save(tmp_path / "c")
     back = ResidualCache.load(tmp_path / "c")
-    assert back.meta.to_dict() == {**cache.meta.to_dict(), "shards": back.meta.shards}
+    # one shard holding every example: the saved identity says so (a resume can never mix shard sizes)
+    assert back.meta.to_dict() == {**cache.meta.to_dict(), "shards": back.meta.shards, "shard_size": len(EXAMPLES)}
     assert back.meta.model == model.name and back.meta.layers == [0, 2] and back.meta.hook == "resid_post"
     assert back.meta.package_version and back.meta.examples_hash == cache.meta.examples_hash
     for layer in (0, 2):
