@@ -93,7 +93,7 @@ class ReferenceModel:
 
     def __init__(self, model: HookedModel):
         self.model = model
-        self._memo: tuple[Any, Any] | None = None
+        self._memo: tuple[Any, Any, Any] | None = None
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[HookedModel]:
@@ -105,13 +105,18 @@ class ReferenceModel:
             yield self.model
 
     def forward(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
-        """HF outputs of the reference model on ``batch`` (``input_ids``, ``attention_mask``), memoised per batch."""
-        key = (batch["input_ids"].data_ptr(), tuple(batch["input_ids"].shape), tuple(sorted(kwargs.items())))
-        if self._memo is not None and self._memo[0] == key:
-            return self._memo[1]
+        """HF outputs of the reference model on ``batch`` (``input_ids``, ``attention_mask``), memoised per batch.
+
+        The memo holds the batch's ``input_ids`` tensor itself and matches by identity, so a later
+        micro-batch (even one allocated at the same address) never gets a stale reference pass.
+        """
+        ids = batch["input_ids"]
+        key = tuple(sorted(kwargs.items()))
+        if self._memo is not None and self._memo[0] is ids and self._memo[1] == key:
+            return self._memo[2]
         with torch.no_grad(), self.adapters_disabled():
-            out = self.model.hf_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
-        self._memo = (key, out)
+            out = self.model.hf_model(input_ids=ids, attention_mask=batch.get("attention_mask"), **kwargs)
+        self._memo = (ids, key, out)
         return out
 
     def clear(self) -> None:

@@ -180,3 +180,30 @@ def test_two_process_data_parallel_equals_one_process(tiny_dirs, tmp_path):
     one = json.loads((tmp_path / "one" / "training.json").read_text())
     two = json.loads((tmp_path / "two" / "training.json").read_text())
     assert two["world_size"] == 2 and one["losses"] == pytest.approx(two["losses"], abs=1e-5)
+
+
+class RecordReference(TrainingCallback):
+    def __init__(self):
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def extra_loss(self, model, batch, step, reference):
+        out = reference.forward(batch).logits
+        self.seen.append((batch["input_ids"].clone(), batch["attention_mask"].clone(), out.clone()))
+        return out.sum() * 0.0
+
+
+def test_reference_pass_belongs_to_each_micro_batch(tiny_dirs, tmp_path):
+    from transformers import Trainer
+
+    model, tokenizer, rows, collate, args = user_setup(tiny_dirs["llama"], tmp_path, max_steps=2)
+    args.gradient_accumulation_steps = 2
+    args.per_device_train_batch_size = 1
+    record = RecordReference()
+    with_em_interp(Trainer)(model=model, args=args, train_dataset=rows, data_collator=collate,
+                            processing_class=tokenizer, callbacks=[record]).train()
+    assert len(record.seen) == 4
+    base = load_model(tiny_dirs["llama"])
+    for ids, mask, logits in record.seen:
+        with torch.no_grad():
+            expected = base.hf_model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
