@@ -298,6 +298,8 @@ def train_lora(
         atomic_write_json(summary, {"identity": identity, "losses": losses, "seconds": seconds,
                                     "resumed_from": resumed_from, "package_version": __version__,
                                     "world_size": world, "device": device, "dtype": str(dtype)})
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process returns only once the main one has written the adapter
     return TrainResult(final, losses, seconds, config.steps, resumed_from=resumed_from, config=config.to_dict())
 
 

@@ -156,6 +156,9 @@ config = LoraTrainConfig(rank=1, alpha=8.0, layers=(0, 2), learning_rate=5e-3, w
                          max_length=64, seed=3, checkpoint_every=2)
 result = train_lora(sys.argv[1], data, config, sys.argv[2], progress=False)
 print(json.dumps(result.losses))
+import torch.distributed as dist
+if dist.is_initialized():  # a torchrun script ends its process group (else gloo may abort at exit)
+    dist.destroy_process_group()
 """
 
 
