@@ -49,12 +49,17 @@ _STEP_LOSS_ATTR = "_em_interp_step_loss"
 _LOSS_TERMS_ATTR = "_em_interp_applies_loss_terms"
 
 
+def _unwrapped(model: Any) -> Any:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def hooked_model(model: Any, tokenizer: Any = None, name: str | None = None) -> HookedModel:
     """The :class:`HookedModel` behind a peft model (booting the hooks on it, in place, the first time).
 
     Raises :class:`EmInterpError` if ``model`` is not a peft model with LoRA adapters.
     """
-    model = getattr(model, "module", model)  # a DDP wrapper
+    model = _unwrapped(model)
     existing = getattr(model, _HOOKED_ATTR, None)
     if existing is not None:
         return existing
@@ -165,14 +170,14 @@ class TrainingCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         tokenizer = processing_class if processing_class is not None else kwargs.get("tokenizer")
         self._hooked = hooked_model(model, tokenizer)
-        if self.adds_loss() and not getattr(getattr(model, "module", model), _LOSS_TERMS_ATTR, False):
+        if self.adds_loss() and not getattr(_unwrapped(model), _LOSS_TERMS_ATTR, False):
             raise EmInterpError(
                 f"{type(self).__name__} adds a loss term, which a plain Trainer never applies; build the trainer "
                 "with em_interp.hf_trainer.with_em_interp(TrainerClass)(...)")
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._flush(model)
-        loss = getattr(getattr(model, "module", model), _STEP_LOSS_ATTR, None)
+        loss = getattr(_unwrapped(model), _STEP_LOSS_ATTR, None)
         if loss is not None:  # em_interp's trainer (the mixin) measured this step's task loss
             self.on_step(self._hooked_of(model), int(state.global_step), float(loss))
         else:  # a plain Trainer logs the loss after this event: report the step when it does
@@ -202,7 +207,7 @@ class TrainingCallback(TrainerCallback):
         self._flush(model)
         hooked = self._hooked_of(model)
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not getattr(getattr(model, "module", model), _LOSS_TERMS_ATTR, False) and args.should_save:
+        if not getattr(_unwrapped(model), _LOSS_TERMS_ATTR, False) and args.should_save:
             save_adapter(hooked, path)  # a plain Trainer saved booted (non-standard) names: rewrite them
         self.on_checkpoint(hooked, int(state.global_step), path)
 

@@ -164,7 +164,7 @@ def _lr_lambda(config: LoraTrainConfig):
 def _run_identity(base: str, config: LoraTrainConfig, data: Sequence[ChatExample]) -> dict[str, Any]:
     identity = {"base": base, "config": config.to_dict(), "data_sha256": sha256_json([e.to_dict() for e in data]),
                 "n_examples": len(data), "computed_by": computation_key(*TRAINING_MODULES)}
-    return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
+    return json.loads(json.dumps(identity))  # as it reads back from a checkpoint marker (tuples become lists)
 
 
 class _Indices(Dataset):
