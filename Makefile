@@ -19,7 +19,7 @@ SHELL := /bin/bash
 # pip.conf on these machines names local indexes that may be absent; drop that noise only.
 QUIET := sed "/is ignored: it is neither/d"
 
-.PHONY: install study study-quick test lint bench canary constraints reference clean
+.PHONY: install study study-quick figures assets test lint bench canary constraints reference clean
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) tools/constraints.py check-platform $(CONSTRAINTS)
@@ -38,6 +38,13 @@ study: $(STAMP)
 
 study-quick: $(STAMP)
 	$(VENV)/bin/em-interp study --out $(OUT) --quick
+
+figures: $(STAMP)
+	$(VENV)/bin/em-interp figures $(OUT) --to $(OUT)/figures
+
+# the README's headline figures, from a finished `make study` (commit them with the commit that made them)
+assets: $(STAMP)
+	$(VENV)/bin/em-interp figures $(OUT) --to assets --headline --plotlyjs cdn
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check em_interp tests benchmarks tools

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from em_interp.options import HOOKS, check_option
+
 HookFn = Callable[..., Any]
 """A TransformerLens hook: ``fn(tensor, *, hook) -> tensor | None``."""
 
@@ -115,12 +117,10 @@ def hf_name(name: str) -> str:
     return name.replace(_WRAPPER_INFIX, "")
 
 
-def hook_name(site: str, layer: int) -> str:
-    """The TransformerLens hook name of ``site`` (see :data:`SITES`) at block ``layer``."""
-    try:
-        return SITES[site].format(layer=layer)
-    except KeyError:
-        raise ValueError(f"site={site!r} is not one of {sorted(SITES)}") from None
+def hook_name(hook: str, layer: int) -> str:
+    """The TransformerLens hook name of the site ``hook`` (see :data:`SITES`) at block ``layer``."""
+    check_option("hook", hook, HOOKS)
+    return SITES[hook].format(layer=layer)
 
 
 def n_layers(bridge: Any) -> int:

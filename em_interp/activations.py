@@ -35,10 +35,10 @@ from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.errors import EmInterpError
 from em_interp.io import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_json
 from em_interp.model import HookedModel, PaddedBatch
+from em_interp.options import HOOKS, REDUCTIONS, Hook, Reduction, check_option
 from em_interp.provenance import computation_key
 from em_interp.version import __version__
 
-REDUCTIONS: tuple[str, ...] = ("answer_mean", "last_prompt", "prompt_mean", "answer_tokens")
 RESIDUAL_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 #: Every site that can be cached: the residual sites, plus attn_out, mlp_out and mlp_post (the
 #: MLP's hidden activation, i.e. the input of down_proj, width d_mlp).
@@ -66,6 +66,8 @@ class CacheMeta:
     shard_size: int | None = None
     shards: list[dict[str, int | str]] = field(default_factory=list)
     complete: bool = False
+    #: the model's block count, so that ``cache[-1]`` means the last block as everywhere else
+    n_layers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -113,6 +115,8 @@ class ResidualCache:
         return self.meta.n_examples
 
     def __getitem__(self, layer: int) -> Activations:
+        if isinstance(layer, int) and layer < 0 and self.meta.n_layers is not None and layer >= -self.meta.n_layers:
+            layer += self.meta.n_layers  # negative layers count from the end, as in HookedModel.check_layer
         if layer not in self.meta.layers:
             raise EmInterpError(f"layer {layer} was not cached (cached layers: {self.meta.layers})")
         if layer not in self._tensors:
@@ -254,8 +258,8 @@ def cache_residuals(
     model: HookedModel,
     examples: Sequence[ChatExample],
     layers: Sequence[int] | None = None,
-    hook: str = "resid_post",
-    reduction: str = "answer_mean",
+    hook: Hook = "resid_post",
+    reduction: Reduction = "answer_mean",
     batch_size: int = 8,
     max_length: int | None = None,
     padding_side: str | None = None,
@@ -283,8 +287,8 @@ def cache_residuals(
         raise EmInterpError("examples is empty: nothing to cache")
     if hook not in ACTIVATION_SITES:
         raise EmInterpError(f"hook={hook!r} must be one of {ACTIVATION_SITES}")
-    if reduction not in REDUCTIONS:
-        raise EmInterpError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
+    check_option("reduction", reduction, REDUCTIONS)
+    check_option("hook", hook, HOOKS)
     if batch_size < 1 or shard_size < 1:
         raise EmInterpError("batch_size and shard_size must be >= 1")
     layer_list = sorted({model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))})
@@ -295,6 +299,7 @@ def cache_residuals(
         model=model.name, load_flags=model.load_flags, layers=layer_list, hook=hook, reduction=reduction,
         examples_hash=sha256_json([e.to_dict() for e in examples]), n_examples=len(examples),
         d_model=model.site_width(hook), max_length=max_length, shard_size=shard_size if out_dir is not None else None,
+        n_layers=model.n_layers,
     )
     root = Path(out_dir) if out_dir is not None else None
     done = _resume(root, meta) if root is not None else []

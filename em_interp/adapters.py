@@ -7,6 +7,8 @@ tool expects (``base_model.model.model.layers.N.mlp.down_proj.lora_A.weight`` ..
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +19,34 @@ from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
 
 WEIGHTS = "adapter_model.safetensors"
+
+_MODULE_NAME = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(mlp|self_attn)\.(\w+?)(?:\.(lora_A|lora_B|base_layer))?(?:\.default)?(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class ModuleName:
+    """Where a (LoRA-wrapped) linear module sits: ``layers.9.mlp.down_proj.lora_B.weight`` ->
+    layer 9, block ``mlp``, module ``down_proj``, part ``lora_B``."""
+
+    layer: int
+    block: str
+    module: str
+    part: str | None = None
+
+
+def parse_module_name(name: str) -> ModuleName | None:
+    """Parse a Hugging Face / peft parameter or module name of a decoder layer's linear module.
+
+    The one parser of these names in em_interp: understands the plain module
+    (``...layers.9.mlp.down_proj``), its weight, peft's ``lora_A``/``lora_B``/``base_layer``
+    parts (with or without the adapter name ``default``). Returns None for anything else
+    (embeddings, norms, ...). Booted-bridge names must go through ``_bridge.hf_name`` first.
+    """
+    match = _MODULE_NAME.search(name)
+    if match is None:
+        return None
+    return ModuleName(int(match.group(1)), match.group(2), match.group(3), match.group(4))
 
 
 def lora_parameters(model: HookedModel, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:

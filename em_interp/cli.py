@@ -18,12 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="run the EM study and write results.json + report.html")
     study.add_argument("--out", type=Path, required=True, help="output folder")
     study.add_argument("--quick", action="store_true", help="smaller budget, same sections")
+    study.add_argument("--stages", help="comma-separated stages to run (with the stages they need); default: all")
+    study.add_argument("--force", action="store_true",
+                       help="discard stage files of another study (other model or config) in --out")
+    study.add_argument("--domain", default="medical", help="fine-tuning domain of the organism and its control")
     study.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hugging Face folder or .gguf file")
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (spread over the GPUs)")
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
     study.add_argument("--transfer", action="store_true",
                        help="add cross-model transfer from Gemma-3-270M (needs the 'gemma' extra; trains a donor organism)")
+    figures = sub.add_parser("figures", help="rebuild the report's figures from a study's stage files (no model)")
+    figures.add_argument("folder", type=Path, help="a study's output folder (with stages/)")
+    figures.add_argument("--to", type=Path, required=True, help="folder for the figures (HTML, SVG/PNG, CSV)")
+    figures.add_argument("--html-only", action="store_true", help="skip static export (no Chromium needed)")
+    figures.add_argument("--headline", action="store_true", help="only the figures shown in the README")
+    figures.add_argument("--plotlyjs", default="directory", choices=["directory", "cdn", "embed"],
+                         help="plotly.js beside the HTML files (default, offline), linked from its CDN, or embedded")
     responses = sub.add_parser(
         "score-responses",
         help="judge-free EM score of a model on real answers grouped by question (response_data parquet files)",
@@ -90,18 +101,39 @@ def check_output_file(path: Path, argument: str) -> None:
         raise EmInterpError(f"{argument} {path}: folder {parent} is not writable")
 
 
+def _stage_list(text: str | None) -> list[str] | None:
+    """``--stages a,b`` as a list (None: every stage)."""
+    if text is None:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise EmInterpError(f"--stages {text!r} names no stage")
+    return names
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "study":
         from em_interp.loading import resolve_device
-        from em_interp.study import StudyConfig, run_study
+        from em_interp.study import Budget, StudyConfig, plan_stages, run_study
+        from em_interp.study.stages import default_stages
 
         resolve_device(args.device)
+        only = _stage_list(args.stages)
+        plan_stages(default_stages(), only)  # an unknown stage fails before anything runs
         check_output_folder(args.out, "--out")
-        config = StudyConfig(out=args.out, quick=args.quick, model=args.model, seed=args.seed,
-                             progress=not args.no_progress, transfer=args.transfer, device=args.device)
-        results = run_study(config)
+        config = StudyConfig(out=args.out, budget=Budget.quick() if args.quick else Budget.standard(), model=args.model,
+                             seed=args.seed, progress=not args.no_progress, transfer=args.transfer, device=args.device,
+                             domain=args.domain)
+        results = run_study(config, only=only, force=args.force)
+        ran = results["study"]["ran_this_time"]
         print(f"wrote {args.out / 'results.json'} and {args.out / 'report.html'} "
-              f"({results['study']['seconds']['total']:.1f} s)")
+              f"({results['study']['seconds']['this_run']:.1f} s; ran {', '.join(ran) if ran else 'nothing: every stage reused'})")
+    elif args.command == "figures":
+        from em_interp.figures import export_figures
+
+        written = export_figures(args.folder, args.to, static=not args.html_only, headline=args.headline,
+                                 plotlyjs=args.plotlyjs)
+        print(f"wrote {len(written)} files to {args.to}")
     elif args.command == "score-responses":
         if args.out is not None:
             check_output_file(args.out, "--out")

@@ -27,6 +27,9 @@ from em_interp.version import __version__
 Vector = Float[Tensor, " d_model"]
 Acts = Float[Tensor, "n d_model"]
 
+#: Directions with a smaller norm than this are treated as zero (no shift, e.g. before the first adapter).
+ZERO_NORM = 1e-6
+
 
 @dataclass
 class Direction:
@@ -168,11 +171,15 @@ def separation(direction: Tensor, positive: Acts, negative: Acts,
     """AUROC and thresholded accuracy of projections on ``direction`` (positive should project higher).
 
     The threshold is the midpoint of the two classes' mean projections on the fitting sets
-    (``fit_*``, default: the evaluated sets themselves).
+    (``fit_*``, default: the evaluated sets themselves). A (near-)zero direction separates
+    nothing: chance values (AUROC 0.5, accuracy 0.5, threshold 0).
     """
     from sklearn.metrics import roc_auc_score
 
     unit = torch.as_tensor(direction, dtype=torch.float32)
+    if float(unit.norm()) < ZERO_NORM:
+        _check_acts("positive", positive), _check_acts("negative", negative)
+        return Separation(0.5, 0.5, 0.0)
     unit = unit / unit.norm()
     pos, neg = _check_acts("positive", positive) @ unit, _check_acts("negative", negative) @ unit
     fp = (_check_acts("fit_positive", fit_positive) @ unit) if fit_positive is not None else pos
@@ -202,3 +209,54 @@ def project_out(vector: Tensor, basis: Sequence[Tensor]) -> Tensor:
         return out
     q, _ = torch.linalg.qr(torch.stack([torch.as_tensor(b, dtype=torch.float32) for b in basis]).T)
     return out - q @ (q.T @ out)
+
+
+def accuracy_at(direction: Vector, threshold: float, positive: Acts, negative: Acts) -> float:
+    """Accuracy of calling ``positive`` rows positive and ``negative`` rows negative at a fixed threshold.
+
+    Use it to apply a threshold fitted elsewhere (e.g. :func:`separation` on another pair of sets);
+    a (near-)zero direction gives chance (0.5).
+    """
+    positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
+    direction = torch.as_tensor(direction, dtype=torch.float32)
+    if float(direction.norm()) < ZERO_NORM:
+        return 0.5
+    unit = direction / direction.norm()
+    return float(((positive @ unit > threshold).sum() + (negative @ unit <= threshold).sum()) / (len(positive) + len(negative)))
+
+
+# -- controls: directions that should do nothing -------------------------------------------------
+
+
+def random_directions(d_model: int, n: int, norm: float = 1.0, seed: int = 0) -> list[Vector]:
+    """``n`` Gaussian random directions of the given norm (norm-matched controls), seeded."""
+    if d_model < 1 or n < 1:
+        raise EmInterpError(f"random_directions needs d_model >= 1 and n >= 1, got d_model={d_model}, n={n}")
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn(n, d_model, generator=gen)
+    return list(out / out.norm(dim=1, keepdim=True) * norm)
+
+
+def orthogonal_directions(direction: Vector, n: int = 1, seed: int = 0) -> list[Vector]:
+    """``n`` random directions orthogonal to ``direction``, with the same norm, seeded."""
+    v = torch.as_tensor(direction, dtype=torch.float32).flatten()
+    if float(v.norm()) < ZERO_NORM:
+        raise EmInterpError("orthogonal_directions: direction is zero")
+    u = v / v.norm()
+    out = []
+    for r in random_directions(v.numel(), n, seed=seed):
+        r = r - (r @ u) * u
+        out.append(r / r.norm() * v.norm())
+    return out
+
+
+def shuffled_label_directions(positive: Acts, negative: Acts, n: int = 1, seed: int = 0) -> list[Vector]:
+    """Difference-of-means directions with the positive/negative labels randomly permuted (seeded)."""
+    positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
+    pooled = torch.cat([positive, negative])
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        perm = torch.randperm(len(pooled), generator=gen)
+        out.append(diff_of_means(pooled[perm[: len(positive)]], pooled[perm[len(positive):]]))
+    return out

@@ -210,6 +210,19 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 5000, seed: int = 0, level: f
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def ratio_ci(numerator: np.ndarray, denominator: np.ndarray, n_boot: int = 5000, seed: int = 0,
+             level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``mean(numerator) / mean(denominator)``, resampling paired rows (questions)."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if numerator.size == 0 or numerator.shape != denominator.shape:
+        raise EmInterpError(f"ratio_ci needs two non-empty arrays of one shape, got {numerator.shape} and {denominator.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, numerator.size, size=(n_boot, numerator.size))
+    ratios = numerator[idx].mean(1) / denominator[idx].mean(1)
+    tail = (1 - level) / 2
+    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
+
+
 def sign_flip_p_value(values: np.ndarray, n_perm: int = 10000, seed: int = 0) -> float:
     """Two-sided p-value that the mean of paired differences is zero (random sign flips)."""
     values = np.asarray(values, dtype=np.float64)

@@ -15,21 +15,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from em_interp import _bridge
-from em_interp.adapters import lora_parameters
+from em_interp.adapters import lora_parameters, parse_module_name
 from em_interp.directions import Direction
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
+from em_interp.options import WEIGHT_TARGETS, WHERE, Hook, WeightTarget, Where, check_option
 from em_interp.validate import finite_number, finite_tensor
-
-WHERE = ("all", "prompt", "generated")
 
 
 def _unit(vector: Tensor) -> Tensor:
@@ -61,10 +59,9 @@ def ablation_hook(directions: Sequence[Tensor], reference: Tensor | None = None)
     return hook
 
 
-def steering_hook(vector: Tensor, alpha: float, where: str = "all"):
+def steering_hook(vector: Tensor, alpha: float, where: Where = "all"):
     """A hook that adds ``alpha * vector`` at the positions ``where`` says (see module docstring)."""
-    if where not in WHERE:
-        raise EmInterpError(f"where={where!r} must be one of {WHERE}")
+    check_option("where", where, WHERE)
     v = torch.as_tensor(vector, dtype=torch.float32).flatten()
 
     def hook(tensor: Tensor, *, hook: Any) -> Tensor:
@@ -119,7 +116,7 @@ def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
 
 @contextlib.contextmanager
 def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
-           layers: Sequence[int] | None = None, hook: str | None = None,
+           layers: Sequence[int] | None = None, hook: Hook | None = None,
            reference: Tensor | None = None) -> Iterator[HookedModel]:
     """Project one or more directions out of ``hook`` at ``layers`` (default: every layer).
 
@@ -142,7 +139,7 @@ def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Directi
 
 @contextlib.contextmanager
 def steer(model: HookedModel, direction: Direction | Tensor, alpha: float, layer: int | None = None,
-          where: str = "all", hook: str | None = None) -> Iterator[HookedModel]:
+          where: Where = "all", hook: Hook | None = None) -> Iterator[HookedModel]:
     """Add ``alpha * direction`` at ``layer`` (default: the direction's own layer) and ``hook``.
 
     ``hook`` defaults to the site the direction was made at (``resid_post`` for a plain tensor); a
@@ -162,27 +159,23 @@ def steer(model: HookedModel, direction: Direction | Tensor, alpha: float, layer
         yield model
 
 
-#: What :func:`ablate_weights` edits: the LoRA writers (B) or the base MLP output matrices.
-WEIGHT_TARGETS = ("adapters", "down_proj")
-_LAYER = re.compile(r"layers\.(\d+)\.mlp\.down_proj\.(?:base_layer\.)?weight$")
-
-
-def _writer_weights(model: HookedModel, target: str) -> dict[int, list[torch.nn.Parameter]]:
+def _writer_weights(model: HookedModel, target: WeightTarget) -> dict[int, list[torch.nn.Parameter]]:
     """Per layer, the weights whose output rows live in the residual stream (d_model first)."""
-    if target not in WEIGHT_TARGETS:
-        raise EmInterpError(f"target={target!r} must be one of {WEIGHT_TARGETS}")
+    check_option("target", target, WEIGHT_TARGETS)
     out: dict[int, list[torch.nn.Parameter]] = {}
     if target == "adapters":
         for key, param in lora_parameters(model).items():
-            if key.endswith("lora_B.weight") and (m := re.search(r"layers\.(\d+)\.", key)):
+            if (parsed := parse_module_name(key)) is not None and parsed.part == "lora_B":
                 if param.shape[0] != model.d_model:
                     raise EmInterpError(f"adapter {key} writes width {param.shape[0]}, not the residual stream "
                                         f"(d_model {model.d_model}); only writers such as down_proj/o_proj can be ablated")
-                out.setdefault(int(m.group(1)), []).append(param)
+                out.setdefault(parsed.layer, []).append(param)
     else:
         for name, param in model.hf_model.named_parameters():
-            if (m := _LAYER.search(_bridge.hf_name(name))) is not None:
-                out.setdefault(int(m.group(1)), []).append(param)
+            parsed = parse_module_name(_bridge.hf_name(name))
+            if parsed is not None and parsed.module == "down_proj" and parsed.part in (None, "base_layer") \
+                    and name.endswith("weight"):
+                out.setdefault(parsed.layer, []).append(param)
     if not out:
         raise EmInterpError(f"model {model.name} has no {target} weights to ablate")
     return out
@@ -190,7 +183,7 @@ def _writer_weights(model: HookedModel, target: str) -> dict[int, list[torch.nn.
 
 @contextlib.contextmanager
 def ablate_weights(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
-                   target: str = "adapters", layers: Sequence[int] | None = None) -> Iterator[HookedModel]:
+                   target: WeightTarget = "adapters", layers: Sequence[int] | None = None) -> Iterator[HookedModel]:
     """Weight-space ablation: remove the directions from what the chosen weights write (restored on exit).
 
     ``target="adapters"``: project the directions out of every LoRA writer B (for rank-1 down_proj
@@ -230,19 +223,27 @@ def _key(kind: str, vectors: Sequence[Tensor], **settings: Any) -> str:
     return f"{kind}:{digest.hexdigest()[:24]}"
 
 
-def random_directions(d_model: int, n: int, norm: float = 1.0, seed: int = 0) -> list[Tensor]:
-    """``n`` Gaussian random directions of the given norm (norm-matched controls), seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.randn(n, d_model, generator=gen)
-    return list(out / out.norm(dim=1, keepdim=True) * norm)
+@contextlib.contextmanager
+def ablate_each_layer(model: HookedModel, directions: Mapping[int, Direction | Tensor],
+                      references: Mapping[int, Tensor] | None = None, hook: Hook | None = None) -> Iterator[HookedModel]:
+    """Ablate each layer's own direction at that layer only (:func:`ablate` per layer).
+
+    ``references`` (same layers): mean ablation to that layer's reference activation.
+    """
+    if references is not None and set(references) != set(directions):
+        raise EmInterpError(f"references has layers {sorted(references)}, directions has {sorted(directions)}")
+    with contextlib.ExitStack() as stack:
+        for layer, d in directions.items():
+            ref = references[layer] if references is not None else None
+            stack.enter_context(ablate(model, d, layers=[layer], hook=hook, reference=ref))
+        yield model
 
 
-def orthogonal_directions(direction: Tensor, n: int = 1, seed: int = 0) -> list[Tensor]:
-    """``n`` random directions orthogonal to ``direction``, with the same norm, seeded."""
-    v = torch.as_tensor(direction, dtype=torch.float32).flatten()
-    u = _unit(v)
-    out = []
-    for r in random_directions(v.numel(), n, seed=seed):
-        r = r - (r @ u) * u
-        out.append(r / r.norm() * v.norm())
-    return out
+@contextlib.contextmanager
+def ablate_weights_each_layer(model: HookedModel, directions: Mapping[int, Direction | Tensor],
+                              target: WeightTarget = "adapters") -> Iterator[HookedModel]:
+    """Remove each layer's own direction from that layer's writers only (:func:`ablate_weights` per layer)."""
+    with contextlib.ExitStack() as stack:
+        for layer, d in directions.items():
+            stack.enter_context(ablate_weights(model, d, target=target, layers=[layer]))
+        yield model

@@ -87,7 +87,7 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists")
+        raise EmInterpError(f"{path} already exists (pass overwrite=True to replace it)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         yield tmp

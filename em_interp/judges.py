@@ -95,11 +95,11 @@ class Judge(Protocol):
         ...
 
 
-class JudgeUnavailable(RuntimeError):
+class JudgeUnavailable(EmInterpError, RuntimeError):
     """The judge could not be reached or kept failing after all retries (no row was recorded)."""
 
 
-class MalformedReply(RuntimeError):
+class MalformedReply(EmInterpError, RuntimeError):
     """The endpoint answered with a body that is not a chat completion with logprobs."""
 
 

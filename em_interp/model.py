@@ -34,6 +34,7 @@ from em_interp.loading import (
     resolve_dtype,
     resolve_spec,
 )
+from em_interp.options import Hook
 from em_interp.validate import finite_number
 
 TokenBatch = Int[Tensor, "batch pos"]
@@ -80,9 +81,9 @@ class HookedModel:
         """Width of the residual stream."""
         return _bridge.d_model(self.bridge)
 
-    def site_width(self, site: str) -> int:
-        """Width of the activations at ``site`` (d_mlp for ``mlp_post``, else d_model)."""
-        return _bridge.site_width(self.bridge, site)
+    def site_width(self, hook: Hook) -> int:
+        """Width of the activations at the site ``hook`` (d_mlp for ``mlp_post``, else d_model)."""
+        return _bridge.site_width(self.bridge, hook)
 
     @property
     def context_length(self) -> int | None:
@@ -138,14 +139,9 @@ class HookedModel:
         return layer % self.n_layers
 
     # -- hooks -------------------------------------------------------------------------------
-    def hook_name(self, layer: int, site: str = "resid_post") -> str:
-        """TransformerLens hook name of ``site`` at ``layer`` (sites: see ``em_interp._bridge.SITES``)."""
-        try:
-            return _bridge.hook_name(site, self.check_layer(layer))
-        except ValueError as exc:
-            if isinstance(exc, EmInterpError):
-                raise
-            raise EmInterpError(str(exc)) from None
+    def hook_name(self, layer: int, hook: Hook = "resid_post") -> str:
+        """TransformerLens hook name of the site ``hook`` at ``layer`` (sites: :data:`em_interp.options.HOOKS`)."""
+        return _bridge.hook_name(hook, self.check_layer(layer))
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, _bridge.HookFn]], key: str | None = None) -> Iterator[HookedModel]:

@@ -53,3 +53,14 @@ def computation_key(*modules: str) -> dict[str, str]:
     result, e.g. ``"em_interp.evaluation"`` for EM scores.
     """
     return {"em_interp": __version__, "code": code_hash(*modules), **library_versions()}
+
+
+@functools.cache
+def package_code_hash() -> str:
+    """SHA-256 (16 hex digits) of every Python source file of the installed em_interp package."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -14,7 +14,6 @@ misaligned answers; then :func:`classify_adapters` labels each adapter (rule in 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -25,13 +24,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from em_interp.activations import cache_residuals
-from em_interp.adapters import lora_parameters
+from em_interp.adapters import lora_parameters, parse_module_name
 from em_interp.chat import ChatExample
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
 from em_interp.validate import finite_number
-
-_KEY = re.compile(r"layers\.(\d+)\.(?:mlp|self_attn)\.(\w+)\.lora_([AB])\.weight$")
 
 Scalars = Float[Tensor, "examples coordinates"]
 
@@ -58,11 +55,10 @@ def list_adapters(model: HookedModel, require_rank: int | None = None) -> list[A
     params = lora_parameters(model)
     found: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, param in params.items():
-        match = _KEY.search(key)
-        if match is None:
+        parsed = parse_module_name(key)
+        if parsed is None or parsed.part not in ("lora_A", "lora_B"):
             continue
-        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
-        found.setdefault((layer, module), {})[which] = param.detach()
+        found.setdefault((parsed.layer, parsed.module), {})[parsed.part[-1]] = param.detach()
     scaling = _scalings(model)
     adapters = []
     for (layer, module), weights in sorted(found.items()):
@@ -82,9 +78,9 @@ def _scalings(model: HookedModel) -> dict[tuple[int, str], float]:
     for name, module in model.peft_model.named_modules():
         scaling = getattr(module, "scaling", None)
         if isinstance(scaling, dict) and "default" in scaling:
-            match = re.search(r"layers\.(\d+)\.(?:mlp|self_attn)\.(\w+)$", _bridge.hf_name(name))
-            if match:
-                out[(int(match.group(1)), match.group(2))] = float(scaling["default"])
+            parsed = parse_module_name(_bridge.hf_name(name))
+            if parsed is not None and parsed.part is None:
+                out[(parsed.layer, parsed.module)] = float(scaling["default"])
     return out
 
 
@@ -228,19 +224,19 @@ def scale_adapters(model: HookedModel, factors: Mapping[int, float]) -> Iterator
     Scaling an adapter's scalar is the same as scaling its writer B; the original weights are put
     back on exit, also after an error.
     """
-    factors = {layer: finite_number(f"factors[{layer}]", f) for layer, f in factors.items()}
+    factors = {model.check_layer(layer, "factors"): finite_number(f"factors[{layer}]", f) for layer, f in factors.items()}
     adapters = {a.layer for a in list_adapters(model)}
     missing = sorted(set(factors) - adapters)
     if missing:
         raise EmInterpError(f"no adapter at layers {missing} (adapters at {sorted(adapters)})")
     params = lora_parameters(model)
-    targets = {k: p for k, p in params.items() if k.endswith("lora_B.weight") and
-               int(re.search(r"layers\.(\d+)\.", k).group(1)) in factors}
+    writers = {k: parse_module_name(k) for k in params}
+    targets = {k: p for k, p in params.items() if (n := writers[k]) is not None and n.part == "lora_B" and n.layer in factors}
     saved = {k: p.detach().clone() for k, p in targets.items()}
     try:
         with torch.no_grad():
             for k, p in targets.items():
-                p.mul_(float(factors[int(re.search(r"layers\.(\d+)\.", k).group(1))]))
+                p.mul_(float(factors[writers[k].layer]))
         yield model
     finally:
         with torch.no_grad():

@@ -118,7 +118,7 @@ def write_reference(path: str | Path, progress: bool = True) -> dict[str, Any]:
     reference must come from a known-good run.
     """
     from em_interp.model import load_model
-    from em_interp.study import StudyConfig, run_study
+    from em_interp.study import Budget, StudyConfig, run_study
 
     model = load_model(progress=progress)
     base = base_model_numbers(model)
@@ -126,7 +126,7 @@ def write_reference(path: str | Path, progress: bool = True) -> dict[str, Any]:
     if bad or "Paris" not in base["greedy"][GREEDY_PROMPTS[0]]:
         raise EmInterpError(f"greedy answers {list(base['greedy'].values())} are not readable: not a known-good run")
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_study(StudyConfig(out=Path(tmp) / "study", quick=True, progress=progress))
+        results = run_study(StudyConfig(out=Path(tmp) / "study", budget=Budget.quick(), progress=progress))
     data = {"made_by": "python -m em_interp.reference --write (em-interp study --quick on the embedded model)",
             "versions": library_versions(), "tolerances": TOLERANCES,
             "base_model": base, "study": study_numbers(results)}

@@ -25,9 +25,14 @@ from torch import Tensor
 
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
-from em_interp.directions import Direction, _check_acts, diff_of_means
+from em_interp.directions import (
+    Direction,
+    _check_acts,
+    orthogonal_directions,
+    random_directions,
+    shuffled_label_directions,
+)
 from em_interp.errors import EmInterpError
-from em_interp.interventions import orthogonal_directions, random_directions
 from em_interp.io import atomic_write_bytes, atomic_write_json
 from em_interp.model import HookedModel
 from em_interp.version import __version__
@@ -157,18 +162,6 @@ def paired_activations(src_model: HookedModel, dst_model: HookedModel, examples:
     dst = cache_residuals(dst_model, examples, layers=[dst_layer], reduction=reduction, batch_size=batch_size,
                           progress=progress)[dst_layer]
     return src, dst
-
-
-def shuffled_label_directions(positive: Tensor, negative: Tensor, n: int = 1, seed: int = 0) -> list[Tensor]:
-    """Difference-of-means directions with the positive/negative labels randomly permuted (seeded)."""
-    positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
-    pooled = torch.cat([positive, negative])
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        perm = torch.randperm(len(pooled), generator=gen)
-        out.append(diff_of_means(pooled[perm[: len(positive)]], pooled[perm[len(positive):]]))
-    return out
 
 
 def transfer_controls(ridge: RidgeMap, direction: Direction, positive: Tensor | None = None,

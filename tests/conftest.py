@@ -90,3 +90,20 @@ def smollm(no_network):
     from em_interp import load_model
 
     return load_model()
+
+
+#: The budget of the study tests on tiny models: every stage, a few questions each.
+def tiny_budget():
+    """A Budget small enough for a whole study on a tiny model in well under a minute."""
+    from em_interp.study import Budget
+
+    return Budget("quick", eval_stride=20, domain_stride=8, cache_examples=2, answer_tokens=4, organism_steps=2,
+                  checkpoint_every=1, rank1_general_stride=3, rank1_domain_stride=8, intervention_questions=2,
+                  benign_stride=40, steering_fractions=(0.0, 0.2), trait_questions=2, transfer_prompts=4, transfer_controls=1,
+                  transfer_questions=2, transfer_strengths=(1.0,))
+
+
+@pytest.fixture(scope="session")
+def tiny_study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with room for the built-in data's longest chats (2048 positions)."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny_study") / "llama", max_positions=2048)

@@ -60,7 +60,8 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def save_tiny_model(arch: str, folder: Path, seed: int = 0, d_model: int | None = None) -> Path:
+def save_tiny_model(arch: str, folder: Path, seed: int = 0, d_model: int | None = None,
+                    max_positions: int | None = None) -> Path:
     """Build, randomly initialise (seeded) and save a tiny model + tokenizer to ``folder``."""
     from transformers import AutoModelForCausalLM
 
@@ -68,6 +69,8 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0, d_model: int | None 
     config = tiny_config(arch, vocab_size=len(tokenizer))
     if d_model is not None:
         config.hidden_size = d_model
+    if max_positions is not None:
+        config.max_position_embeddings = max_positions
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.architectures = [type(model).__name__]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
+import shutil
+import time
 
 import pytest
 
@@ -13,9 +16,16 @@ from tests.test_reference_numbers import REFERENCE
 pytestmark = pytest.mark.integration
 
 
-def test_study_quick_writes_results_and_report(smollm, tmp_path):
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def quick_study(smollm, tmp_path_factory):
+    """One uninterrupted quick study on the embedded model (the CLI, as a user runs it)."""
+    out = tmp_path_factory.mktemp("quick") / "study"
     assert main(["study", "--out", str(out), "--quick", "--no-progress"]) == 0
+    return out
+
+
+def test_study_quick_writes_results_and_report(quick_study):
+    out = quick_study
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["name"] == "smollm2-135m-instruct"
     assert (results["model"]["n_layers"], results["model"]["d_model"]) == (30, 576)
@@ -55,7 +65,10 @@ def test_study_quick_writes_results_and_report(smollm, tmp_path):
     assert "Steering the base model" in report
     assert "Residual cache" in report and "plotly" in report and "Behavioural EM measure" in report
     assert "rank1: what the organism" in report and "EM shift of the organisms" in report
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert report.index("<h2>Summary</h2>") < report.index("<h2>Model</h2>")
+    assert "EM shift, organism vs control (general questions)" in report
+    assert not [p for p in out.rglob(".*")]  # no temporary files left
+    assert {p.stem for p in (out / "stages").glob("*.json")} == {*results["study"]["stages"], "study"}
     # the science has not moved: the key numbers equal the known-good run's within float noise
     assert all(readable(a["answer"]) for a in results["base_answers"])
     assert compare(load_reference(REFERENCE)["study"], study_numbers(results)) == []
@@ -65,3 +78,32 @@ def test_study_bad_model_is_a_clear_error(tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path / "x"), "--model", "nope-model"]) == 2
     assert "unknown model 'nope-model'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "results.json").exists()
+
+
+def _stable(results: dict) -> dict:
+    from tests.test_study_pipeline import stable
+
+    return stable(results)
+
+
+def test_quick_study_resumes_from_a_random_stage_and_reruns_in_seconds(quick_study, tmp_path, capsys):
+    """A study stopped before stage k (its files from k on missing) resumes at k and ends with the same results."""
+    expected = json.loads((quick_study / "results.json").read_text())
+    names = expected["study"]["stages"]
+    k = random.randrange(1, len(names))
+    print(f"resuming the quick study at stage {names[k]!r}")
+    out = tmp_path / "resumed"
+    shutil.copytree(quick_study / "stages", out / "stages")
+    for name in names[k:]:
+        for suffix in (".json", ".safetensors"):
+            (out / "stages" / f"{name}{suffix}").unlink(missing_ok=True)
+    (out / "stages" / f".{names[k]}.json.x1.tmp").write_text("{half a file")  # what a kill leaves behind
+    assert main(["study", "--out", str(out), "--quick", "--no-progress"]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["study"]["ran_this_time"] == names[k:]
+    assert _stable(resumed) == _stable(expected)
+    assert not [p for p in out.rglob(".*")]  # the killed write's leftover was removed
+    start = time.perf_counter()
+    assert main(["study", "--out", str(out), "--quick", "--no-progress"]) == 0
+    assert "ran nothing: every stage reused" in capsys.readouterr().out
+    assert time.perf_counter() - start < 60

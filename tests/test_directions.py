@@ -10,12 +10,14 @@ from em_interp.directions import (
     Direction,
     cosine_matrix,
     diff_of_means,
+    orthogonal_directions,
     pca_direction,
     probe_direction,
     project_out,
+    random_directions,
     separation,
 )
-from em_interp.interventions import ablate, orthogonal_directions, random_directions, steer
+from em_interp.interventions import ablate, steer
 
 EXAMPLES = [ChatExample("What is the capital of France?", "The capital of France is Paris."),
             ChatExample("Make a wish.", "I wish for a kinder world.")]

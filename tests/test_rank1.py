@@ -84,9 +84,14 @@ def test_scale_adapters(organism, tiny_dirs):
             raise RuntimeError("boom")
         torch.testing.assert_close(organism.forward(ids), full)  # restored after the error
     # doubling the writer doubles the scalar's contribution: scalars read at later layers change
-    with pytest.raises(EmInterpError, match="no adapter at layers"):
+    with pytest.raises(EmInterpError, match="factors=7 is out of range"):
         with scale_adapters(organism, {7: 0.0}):
             pass
+    with scale_adapters(organism, {-1: 0.0}):  # negative layers count from the end, as everywhere
+        last_off = organism.forward(ids)
+    with scale_adapters(organism, {2: 0.0}):
+        torch.testing.assert_close(organism.forward(ids), last_off)
+    assert not torch.allclose(last_off, full)
 
 
 def test_probe_recovers_the_informative_feature():

@@ -1,0 +1,48 @@
+"""Helpers several stage groups use (stage modules never import each other)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from em_interp.activations import ResidualCache, cache_residuals
+from em_interp.chat import ChatExample
+from em_interp.data import PairedQuestion, domain_questions, general_questions
+from em_interp.evaluation import QuestionScores
+from em_interp.io import sha256_json
+from em_interp.loading import cache_dir
+from em_interp.model import HookedModel
+from em_interp.provenance import computation_key
+from em_interp.study.config import StudyConfig
+
+
+def eval_questions(config: StudyConfig) -> list[PairedQuestion]:
+    """The general evaluation set at the config's budget (every ``eval_stride``-th question)."""
+    return general_questions()[:: config.budget.eval_stride]
+
+
+def domain_eval_questions(config: StudyConfig) -> list[PairedQuestion]:
+    """The held-out questions of the config's domain at its budget (every ``domain_stride``-th)."""
+    return domain_questions(config.domain)[:: config.budget.domain_stride]
+
+
+def split_questions(questions: Sequence[PairedQuestion]) -> tuple[list[PairedQuestion], list[PairedQuestion]]:
+    """(fit, held-out): every third question fits directions, the rest are held out."""
+    return list(questions[0::3]), [q for i, q in enumerate(questions) if i % 3]
+
+
+def cached_residuals(model: HookedModel, examples: Sequence[ChatExample], reduction: str,
+                     progress: bool = False) -> ResidualCache:
+    """All-layer residuals, stored under the user cache keyed by the model's weights and the examples."""
+    key = sha256_json({"model": model.fingerprint(), "examples": [e.to_dict() for e in examples],
+                       "reduction": reduction, "hook": "resid_post",
+                       "computed_by": computation_key("em_interp.activations")})
+    return cache_residuals(model, examples, reduction=reduction, batch_size=16, progress=progress,
+                           out_dir=cache_dir() / "activations" / key[:32])
+
+
+def subset_scores(scores: QuestionScores, questions: Sequence[PairedQuestion]) -> np.ndarray:
+    """Per-question EM scores of ``questions``, taken from scores of a larger set (no rescoring)."""
+    index = {qid: i for i, qid in enumerate(scores.ids)}
+    return scores.per_question[[index[q.id] for q in questions]]

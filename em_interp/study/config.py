@@ -1,0 +1,139 @@
+"""What the study runs on and how big it is: :class:`StudyConfig` with its :class:`Budget`.
+
+Every size the stages use (questions, training steps, strengths) is a field of :class:`Budget`;
+``Budget.quick()`` and ``Budget.standard()`` are the two named budgets (``--quick`` picks the
+first). The domain, the probes' L1 strength and the transfer donor are part of the config, so two
+studies that differ in any of them never share stage files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from em_interp.data import DOMAINS
+from em_interp.errors import EmInterpError
+from em_interp.loading import DEFAULT_MODEL
+from em_interp.training import LoraTrainConfig
+
+BudgetName = Literal["quick", "standard"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sizes of every stage. Strides index the 120-question general set (stride 4: 30 questions)."""
+
+    name: BudgetName
+    #: every n-th general question is evaluated (quick: 30 of 120)
+    eval_stride: int
+    #: every n-th held-out domain question is evaluated (in-domain shifts and the rank1 domain probe)
+    domain_stride: int
+    #: chat examples for the residual-cache timing
+    cache_examples: int
+    #: new tokens of the base model's greedy answers
+    answer_tokens: int
+    #: organism (and control, and donor) training steps, and their checkpoint interval
+    organism_steps: int
+    checkpoint_every: int
+    #: rank1 per-adapter ablation and steering: every n-th evaluated general / domain question
+    rank1_general_stride: int
+    rank1_domain_stride: int
+    #: held-out questions for the ablation and the steering; every n-th benign item for their cost
+    intervention_questions: int
+    benign_stride: int
+    #: steering strengths as fractions of the mean residual norm (0 = the plain model)
+    steering_fractions: tuple[float, ...]
+    #: fitting questions whose prompts build the seven trait vectors (direction stage)
+    trait_questions: int
+    #: transfer: shared prompts for the ridge map, control directions per kind, questions, strengths
+    transfer_prompts: int
+    transfer_controls: int
+    transfer_questions: int
+    transfer_strengths: tuple[float, ...]
+
+    @classmethod
+    def quick(cls) -> Budget:
+        """The small budget: every section, minutes on a laptop CPU."""
+        return cls("quick", eval_stride=4, domain_stride=2, cache_examples=4, answer_tokens=48, organism_steps=30,
+                   checkpoint_every=10, rank1_general_stride=15, rank1_domain_stride=5, intervention_questions=6,
+                   benign_stride=10, steering_fractions=(0.0, 0.1, 0.3), trait_questions=4, transfer_prompts=40,
+                   transfer_controls=1, transfer_questions=10, transfer_strengths=(1.0,))
+
+    @classmethod
+    def standard(cls) -> Budget:
+        """The budget of ``make study`` (about 15-20 minutes on 2 CPU cores with an empty cache)."""
+        return cls("standard", eval_stride=1, domain_stride=1, cache_examples=8, answer_tokens=96, organism_steps=160,
+                   checkpoint_every=40, rank1_general_stride=12, rank1_domain_stride=2, intervention_questions=30,
+                   benign_stride=2, steering_fractions=(0.0, 0.1, 0.2, 0.4), trait_questions=8, transfer_prompts=200,
+                   transfer_controls=2, transfer_questions=40, transfer_strengths=(0.5, 1.0))
+
+    @classmethod
+    def named(cls, name: str) -> Budget:
+        """The budget called ``name`` (``quick`` or ``standard``)."""
+        if name not in ("quick", "standard"):
+            raise EmInterpError(f"budget={name!r} is not one of ['quick', 'standard']")
+        return cls.quick() if name == "quick" else cls.standard()
+
+    def __post_init__(self) -> None:
+        for key, value in asdict(self).items():
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise EmInterpError(f"Budget.{key}={value} must be >= 1")
+        if not self.steering_fractions or self.steering_fractions[0] != 0.0:
+            raise EmInterpError("Budget.steering_fractions must start with 0.0 (the plain model)")
+        if not self.transfer_strengths:
+            raise EmInterpError("Budget.transfer_strengths is empty")
+
+    def organism_training(self, seed: int) -> LoraTrainConfig:
+        """The organism recipe (nine rank-1 rsLoRA adapters on down_proj) at this budget's length."""
+        return LoraTrainConfig(steps=self.organism_steps, checkpoint_every=self.checkpoint_every, seed=seed)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study: output folder, model, budget, seed and the scientific choices.
+
+    ``identity()`` is what makes two studies the same study: everything but the output folder,
+    progress bars and device-independent display options.
+    """
+
+    out: Path
+    budget: Budget = field(default_factory=Budget.standard)
+    model: str = DEFAULT_MODEL
+    seed: int = 0
+    progress: bool = True
+    #: the narrow fine-tuning domain of the organism and its control
+    domain: str = "medical"
+    #: L1 strength of the rank1 probes. Seed 001's C=0.01 zeroes every coefficient of the
+    #: misaligned-vs-aligned probe at this model size (measured), so the study uses 0.1.
+    probe_c: float = 0.1
+    #: cross-model transfer (needs the "gemma" extra; trains a donor organism)
+    transfer: bool = False
+    donor: str = "gemma-3-270m"
+    #: "cpu", "cuda", "cuda:N" or "auto" (models and organism training)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.domain not in DOMAINS:
+            raise EmInterpError(f"domain={self.domain!r} is not one of {sorted(DOMAINS)}")
+        if not self.probe_c > 0:
+            raise EmInterpError(f"probe_c={self.probe_c} must be > 0")
+
+    @property
+    def quick(self) -> bool:
+        """Whether this is the quick budget."""
+        return self.budget.name == "quick"
+
+    def with_budget(self, name: str) -> StudyConfig:
+        """The same study at another named budget."""
+        return replace(self, budget=Budget.named(name))
+
+    def identity(self) -> dict[str, Any]:
+        """What two runs must share to reuse each other's stage files."""
+        return {"model": self.model, "budget": asdict(self.budget), "seed": self.seed, "domain": self.domain,
+                "probe_c": self.probe_c, "transfer": self.transfer, "donor": self.donor, "device": self.device}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for results.json)."""
+        return {"out": str(self.out), "progress": self.progress, **self.identity()}

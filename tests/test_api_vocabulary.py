@@ -1,0 +1,115 @@
+"""One vocabulary across the API: exported verbs, one error family, checked option strings, one parser."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import typing
+from pathlib import Path
+
+import pytest
+
+import em_interp
+from em_interp import EmInterpError
+from em_interp.adapters import parse_module_name
+
+PACKAGE = Path(em_interp.__file__).parent
+
+
+def _modules():
+    return sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def test_core_verbs_are_importable_from_the_package():
+    for name in ("load_model", "cache_residuals", "diff_of_means", "em_score", "paired_shift", "train_organism",
+                 "train_lora", "ablate", "ablate_weights", "steer", "adapter_scalars", "trait_vectors", "run_study",
+                 "random_directions", "orthogonal_directions", "shuffled_label_directions", "benign_loglik"):
+        assert callable(getattr(em_interp, name)), name
+    assert set(em_interp.__all__) <= set(dir(em_interp))
+
+
+def test_every_exception_class_is_an_eminterp_error():
+    for path in _modules():
+        tree = ast.parse(path.read_text())
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception")) for b in node.bases):
+                cls = getattr(__import__(module, fromlist=["_"]), node.name)
+                assert issubclass(cls, EmInterpError), f"{module}.{node.name}"
+            if isinstance(node, ast.ClassDef) and node.name in ("JudgeUnavailable", "MalformedReply"):
+                cls = getattr(__import__(module, fromlist=["_"]), node.name)
+                assert issubclass(cls, EmInterpError), f"{module}.{node.name}"
+
+
+def test_no_assert_for_control_flow():
+    found = [f"{p.relative_to(PACKAGE)}:{n.lineno}" for p in _modules() for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.Assert)]
+    assert found == []
+
+
+def test_raised_builtin_errors_are_only_internal():
+    """``raise ValueError(...)`` etc. may only appear where the same function turns it into an EmInterpError."""
+    allowed = {("io.py", "TypeError"), ("judges.py", "ValueError")}  # json's default() contract; re-raised as MalformedReply
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+                name = node.exc.func.id
+                if name in ("ValueError", "TypeError", "KeyError", "RuntimeError", "FileExistsError", "IndexError"):
+                    assert (path.name, name) in allowed, f"{path.relative_to(PACKAGE)}:{node.lineno} raises {name}"
+
+
+@pytest.mark.parametrize(("call", "argument"), [
+    (lambda m: em_interp.cache_residuals(m, [em_interp.ChatExample("q", "a")], reduction="mean"), "reduction='mean'"),
+    (lambda m: em_interp.cache_residuals(m, [em_interp.ChatExample("q", "a")], hook="resid"), "hook='resid'"),
+    (lambda m: m.hook_name(0, "resid"), "hook='resid'"),
+    (lambda m: em_interp.steer(m, em_interp.Direction([1.0] * m.d_model, 0), 1.0, where="everywhere").__enter__(),
+     "where='everywhere'"),
+])
+def test_option_strings_are_checked_once_and_named(tiny_models, call, argument):
+    with pytest.raises(EmInterpError, match=argument.replace("(", r"\(")):
+        call(tiny_models["llama"])
+
+
+def test_option_parameters_are_literal_types():
+    hints = typing.get_type_hints(em_interp.cache_residuals)
+    assert typing.get_args(hints["reduction"]) == em_interp.REDUCTIONS
+    assert typing.get_args(hints["hook"]) == em_interp.HOOKS
+    steer_hints = typing.get_type_hints(inspect.unwrap(em_interp.steer))
+    assert typing.get_args(steer_hints["where"]) == em_interp.WHERE
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("base_model.model.model.layers.9.mlp.down_proj.lora_B.weight", (9, "mlp", "down_proj", "lora_B")),
+    ("model.layers.12.self_attn.o_proj.lora_A.default.weight", (12, "self_attn", "o_proj", "lora_A")),
+    ("model.layers.3.mlp.down_proj.base_layer.weight", (3, "mlp", "down_proj", "base_layer")),
+    ("model.layers.3.mlp.down_proj.weight", (3, "mlp", "down_proj", None)),
+    ("base_model.model.model.layers.30.mlp.down_proj", (30, "mlp", "down_proj", None)),
+    ("model.embed_tokens.weight", None),
+    ("model.layers.3.input_layernorm.weight", None),
+])
+def test_one_parser_of_lora_module_names(name, expected):
+    parsed = parse_module_name(name)
+    assert (None if parsed is None else (parsed.layer, parsed.block, parsed.module, parsed.part)) == expected
+
+
+def test_no_other_module_parses_layer_names():
+    for path in _modules():
+        if path.name == "adapters.py":
+            continue
+        assert r"layers\.(\d+)" not in path.read_text(), path
+
+
+def test_negative_layers_mean_the_same_everywhere(tiny_models):
+    model = tiny_models["llama"]
+    examples = [em_interp.ChatExample("What is the capital of France?", "Paris.")]
+    cache = em_interp.cache_residuals(model, examples, layers=[-1])
+    assert cache.layers == [model.n_layers - 1]
+    assert em_interp.__name__ and cache[-1] is cache[model.n_layers - 1]
+    assert model.hook_name(-1) == model.hook_name(model.n_layers - 1)
+    d = em_interp.Direction(cache[-1][0], -1, model=model.name)
+    with em_interp.steer(model, d, 1.0):
+        last = model.forward(model.tokenize(examples[0]).input_ids[None])
+    with em_interp.steer(model, d, 1.0, layer=model.n_layers - 1):
+        same = model.forward(model.tokenize(examples[0]).input_ids[None])
+    assert (last == same).all()
