@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from em_interp import _bridge
+from em_interp._bridge import HookFn
 from em_interp.adapters import lora_parameters, parse_module_name
-from em_interp.directions import Direction
+from em_interp.directions import Direction, Vector
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
 from em_interp.options import WEIGHT_TARGETS, WHERE, Hook, WeightTarget, Where, check_option
@@ -38,7 +39,7 @@ def _unit(vector: Tensor) -> Tensor:
     return v / norm
 
 
-def ablation_hook(directions: Sequence[Tensor], reference: Tensor | None = None):
+def ablation_hook(directions: Sequence[Vector], reference: Vector | None = None) -> HookFn:
     """A hook that projects the span of ``directions`` out of the activation.
 
     With ``reference`` (an activation vector, e.g. a mean activation of another model or dataset),
@@ -59,7 +60,7 @@ def ablation_hook(directions: Sequence[Tensor], reference: Tensor | None = None)
     return hook
 
 
-def steering_hook(vector: Tensor, alpha: float, where: Where = "all"):
+def steering_hook(vector: Vector, alpha: float, where: Where = "all") -> HookFn:
     """A hook that adds ``alpha * vector`` at the positions ``where`` says (see module docstring)."""
     check_option("where", where, WHERE)
     v = torch.as_tensor(vector, dtype=torch.float32).flatten()
@@ -115,9 +116,9 @@ def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
 
 
 @contextlib.contextmanager
-def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
+def ablate(model: HookedModel, directions: Direction | Vector | Sequence[Direction | Vector],
            layers: Sequence[int] | None = None, hook: Hook | None = None,
-           reference: Tensor | None = None) -> Iterator[HookedModel]:
+           reference: Vector | None = None) -> Iterator[HookedModel]:
     """Project one or more directions out of ``hook`` at ``layers`` (default: every layer).
 
     ``hook`` defaults to the site the directions were made at (``resid_post`` for plain tensors);
@@ -138,7 +139,7 @@ def ablate(model: HookedModel, directions: Direction | Tensor | Sequence[Directi
 
 
 @contextlib.contextmanager
-def steer(model: HookedModel, direction: Direction | Tensor, alpha: float, layer: int | None = None,
+def steer(model: HookedModel, direction: Direction | Vector, alpha: float, layer: int | None = None,
           where: Where = "all", hook: Hook | None = None) -> Iterator[HookedModel]:
     """Add ``alpha * direction`` at ``layer`` (default: the direction's own layer) and ``hook``.
 
@@ -182,7 +183,7 @@ def _writer_weights(model: HookedModel, target: WeightTarget) -> dict[int, list[
 
 
 @contextlib.contextmanager
-def ablate_weights(model: HookedModel, directions: Direction | Tensor | Sequence[Direction | Tensor],
+def ablate_weights(model: HookedModel, directions: Direction | Vector | Sequence[Direction | Vector],
                    target: WeightTarget = "adapters", layers: Sequence[int] | None = None) -> Iterator[HookedModel]:
     """Weight-space ablation: remove the directions from what the chosen weights write (restored on exit).
 
@@ -224,8 +225,8 @@ def _key(kind: str, vectors: Sequence[Tensor], **settings: Any) -> str:
 
 
 @contextlib.contextmanager
-def ablate_each_layer(model: HookedModel, directions: Mapping[int, Direction | Tensor],
-                      references: Mapping[int, Tensor] | None = None, hook: Hook | None = None) -> Iterator[HookedModel]:
+def ablate_each_layer(model: HookedModel, directions: Mapping[int, Direction | Vector],
+                      references: Mapping[int, Vector] | None = None, hook: Hook | None = None) -> Iterator[HookedModel]:
     """Ablate each layer's own direction at that layer only (:func:`ablate` per layer).
 
     ``references`` (same layers): mean ablation to that layer's reference activation.
@@ -240,7 +241,7 @@ def ablate_each_layer(model: HookedModel, directions: Mapping[int, Direction | T
 
 
 @contextlib.contextmanager
-def ablate_weights_each_layer(model: HookedModel, directions: Mapping[int, Direction | Tensor],
+def ablate_weights_each_layer(model: HookedModel, directions: Mapping[int, Direction | Vector],
                               target: WeightTarget = "adapters") -> Iterator[HookedModel]:
     """Remove each layer's own direction from that layer's writers only (:func:`ablate_weights` per layer)."""
     with contextlib.ExitStack() as stack:
