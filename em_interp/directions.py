@@ -211,6 +211,32 @@ def project_out(vector: Tensor, basis: Sequence[Tensor]) -> Tensor:
     return out - q @ (q.T @ out)
 
 
+def separation_ci(direction: Vector, positive: Acts, negative: Acts, n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUROC of projections on ``direction`` (rows of each set resampled).
+
+    Paired sets (same prompts under two models, equal lengths) are resampled together, by prompt.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
+    direction = torch.as_tensor(direction, dtype=torch.float32)
+    if float(direction.norm()) < ZERO_NORM:
+        return 0.5, 0.5
+    unit = direction / direction.norm()
+    pos, neg = (positive @ unit).numpy(), (negative @ unit).numpy()
+    rng = np.random.default_rng(seed)
+    paired = len(pos) == len(neg)
+    aurocs = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(pos), len(pos))
+        j = i if paired else rng.integers(0, len(neg), len(neg))
+        scores = np.concatenate([pos[i], neg[j]])
+        aurocs.append(roc_auc_score(np.r_[np.ones(len(i)), np.zeros(len(j))], scores))
+    tail = (1 - level) / 2
+    return float(np.quantile(aurocs, tail)), float(np.quantile(aurocs, 1 - tail))
+
+
 def accuracy_at(direction: Vector, threshold: float, positive: Acts, negative: Acts) -> float:
     """Accuracy of calling ``positive`` rows positive and ``negative`` rows negative at a fixed threshold.
 

@@ -73,7 +73,13 @@ def study_figures(folder: str | Path) -> list[tuple[str, go.Figure]]:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "figure"
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-").split("-")
+    slug = ""
+    for word in words:  # whole words up to 48 characters
+        if len(slug) + len(word) + 1 > 48:
+            break
+        slug = f"{slug}-{word}" if slug else word
+    return slug or "figure"
 
 
 def figure_rows(fig: go.Figure) -> list[dict[str, Any]]:

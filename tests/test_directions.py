@@ -166,3 +166,20 @@ def test_trait_yaml_errors(tmp_path):
     path.write_text("traits:\n  honesty:\n    positive_system_prompts: []\n    negative_system_prompts: [x]\n")
     with pytest.raises(EmInterpError, match="honesty.*positive_system_prompts"):
         load_trait_yaml(path)
+
+
+def test_separation_ci_brackets_the_auroc_and_tightens_with_more_rows():
+    from em_interp.directions import separation, separation_ci
+
+    gen = torch.Generator().manual_seed(0)
+    d = torch.zeros(8)
+    d[0] = 1.0
+    small = (torch.randn(12, 8, generator=gen) + d * 0.8, torch.randn(12, 8, generator=gen))
+    big = (torch.randn(400, 8, generator=gen) + d * 0.8, torch.randn(400, 8, generator=gen))
+    lo, hi = separation_ci(d, *small, seed=1)
+    assert lo <= separation(d, *small).auroc <= hi
+    blo, bhi = separation_ci(d, *big, seed=1)
+    assert blo <= separation(d, *big).auroc <= bhi and bhi - blo < hi - lo
+    assert separation_ci(torch.zeros(8), *small) == (0.5, 0.5)
+    apart = (torch.randn(10, 8, generator=gen) + d * 100, torch.randn(10, 8, generator=gen))
+    assert separation_ci(d, *apart) == (1.0, 1.0)

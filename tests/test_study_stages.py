@@ -136,6 +136,7 @@ def test_direction_stage(config, models, tmp_path):
     fit, held = split_questions(eval_questions(config))
     assert [q.id for q in ctx.held_questions] == [q.id for q in held]
     assert set(ctx.ablation_directions) == {0, 1, 2} and ctx.best_layer == d["layer"]
+    assert d["auroc_ci"][0] <= d["auroc"] <= d["auroc_ci"][1]
 
 
 def _direction_artefacts(config, models):
@@ -169,6 +170,8 @@ def test_steering_stage(config, models, tmp_path):
     s = entries["steering"]
     assert s["alpha_fraction_of_residual_norm"] == [0.0, 0.2] and s["alphas"] == [0.0, pytest.approx(0.4)]
     assert s["em_scores"][0] == s["random_em_scores"][0] and s["em_scores"][1] != s["em_scores"][0]
+    assert s["top_em_change"] == pytest.approx(s["em_scores"][-1] - s["em_scores"][0])
+    assert s["top_em_change_ci"][0] <= s["top_em_change"] <= s["top_em_change_ci"][1]
 
 
 def test_transfer_stage_reports_why_it_did_not_run(config, models, tmp_path):

@@ -27,7 +27,14 @@ from torch import Tensor
 
 from em_interp.chat import ChatExample
 from em_interp.data import benign_items, labelled_answers
-from em_interp.directions import accuracy_at, cosine_matrix, project_out, random_directions, separation
+from em_interp.directions import (
+    accuracy_at,
+    cosine_matrix,
+    project_out,
+    random_directions,
+    separation,
+    separation_ci,
+)
 from em_interp.evaluation import benign_loglik, bootstrap_ci, ratio_ci, score_questions
 from em_interp.interventions import ablate_each_layer, ablate_weights_each_layer, steer
 from em_interp.plotting import line_by_layer
@@ -57,6 +64,8 @@ class DirectionAnalysis:
     n_fit: int
     held_ids: list[str]
     n_fit_answers: int
+    #: 95% CI of the specific direction's held-out AUROC at the best layer (bootstrap over held-out prompts)
+    auroc_ci: tuple[float, float]
     ablation_directions: dict[int, Tensor]
     control_means: dict[int, Tensor]
     resid_norms: dict[int, float]
@@ -121,8 +130,10 @@ def run_direction(ctx: StudyContext) -> DirectionAnalysis:
         named[f"misaligned - aligned answers ({role})"] = a[labels == 1].mean(0) - a[labels == 0].mean(0)
     named.update({f"trait: {k}": v.vector for k, v in traits.items()})
     names, cos = cosine_matrix(named)
+    held_best = {role: last[role][best][n_fit:] for role in ("organism", "base")}
+    auroc_ci = separation_ci(directions[best]["specific"], held_best["organism"], held_best["base"], seed=config.seed)
     result = DirectionAnalysis(best, rows, answer_auroc, names, cos, n_fit, [q.id for q in held_q], len(fit_answers),
-                               ablation_dirs, control_means, resid_norms)
+                               auroc_ci, ablation_dirs, control_means, resid_norms)
     restore_direction(ctx, result)
     return result
 
@@ -178,7 +189,7 @@ def direction_entries(r: DirectionAnalysis) -> dict[str, Any]:
     """results.json entry of the direction stage."""
     rows, best = r.by_layer, r.best_layer
     return {"direction": {
-        "layer": best, "auroc_by_layer": rows["auroc"], "auroc": rows["auroc"][best],
+        "layer": best, "auroc_by_layer": rows["auroc"], "auroc": rows["auroc"][best], "auroc_ci": list(r.auroc_ci),
         "separation_accuracy": rows["accuracy"][best], "control_separation_accuracy": rows["control_accuracy"][best],
         "base_auroc_by_layer": r.answer_auroc["base"], "accuracy_by_layer": rows["accuracy"],
         "control_accuracy_by_layer": rows["control_accuracy"],
@@ -194,8 +205,8 @@ def direction_entries(r: DirectionAnalysis) -> dict[str, Any]:
 def direction_headlines(r: DirectionAnalysis) -> list[Headline]:
     """Summary line of the direction stage."""
     b = r.best_layer
-    return [Headline(f"organism vs base, held-out AUROC at layer {b} (control vs base accuracy)",
-                     f"{r.by_layer['auroc'][b]:.3f} ({r.by_layer['control_accuracy'][b]:.3f})")]
+    return [Headline(f"organism vs base, held-out AUROC at layer {b} (control vs base accuracy: "
+                     f"{r.by_layer['control_accuracy'][b]:.3f})", r.by_layer["auroc"][b], r.auroc_ci)]
 
 
 # ---------------------------------------------------------------- ablation
@@ -336,6 +347,9 @@ class SteeringResult:
     benign_changes: list[float]
     n_questions: int
     n_benign: int
+    #: EM change at the strongest strength vs the plain model, paired per question, with its 95% CI
+    top_change: float
+    top_change_ci: tuple[float, float]
 
 
 def run_steering(ctx: StudyContext) -> SteeringResult:
@@ -353,19 +367,21 @@ def run_steering(ctx: StudyContext) -> SteeringResult:
     benign = benign_items()[:: budget.benign_stride]
     em, em_random, benign_change = [], [], []
     benign_plain = benign_loglik(base, benign)
+    plain = steered = subset_scores(ctx.base_scores, questions)
     for f in budget.steering_fractions:
         if f == 0:  # no steering: the plain model, for both
-            em.append(float(subset_scores(ctx.base_scores, questions).mean()))
+            em.append(float(plain.mean()))
             em_random.append(em[-1])
             benign_change.append(0.0)
             continue
         with steer(base, unit, f * norm, layer=layer):
-            em.append(float(score_questions(base, questions).per_question.mean()))
+            steered = score_questions(base, questions).per_question
+            em.append(float(steered.mean()))
             benign_change.append((benign_loglik(base, benign) - benign_plain) / abs(benign_plain))
         with steer(base, random_unit, f * norm, layer=layer):
             em_random.append(float(score_questions(base, questions).per_question.mean()))
     return SteeringResult(layer, norm, list(budget.steering_fractions), em, em_random, benign_change, len(questions),
-                          len(benign))
+                          len(benign), float((steered - plain).mean()), bootstrap_ci(steered - plain, seed=seed))
 
 
 def steering_section(r: SteeringResult, config: StudyConfig) -> Section:
@@ -389,13 +405,14 @@ def steering_entries(r: SteeringResult) -> dict[str, Any]:
     return {"steering": {
         "alphas": [f * r.residual_norm for f in r.fractions], "alpha_fraction_of_residual_norm": r.fractions,
         "layer": r.layer, "em_scores": r.em_scores, "benign_loglik_changes": r.benign_changes,
-        "random_em_scores": r.random_em_scores, "n_questions": r.n_questions, "n_benign": r.n_benign, "model": "base"}}
+        "random_em_scores": r.random_em_scores, "n_questions": r.n_questions, "n_benign": r.n_benign, "model": "base",
+        "top_em_change": r.top_change, "top_em_change_ci": list(r.top_change_ci)}}
 
 
 def steering_headlines(r: SteeringResult) -> list[Headline]:
     """Summary line of the steering stage."""
     return [Headline(f"steering the base model at {r.fractions[-1]:g} x residual norm: EM change (random direction: "
-                     f"{r.random_em_scores[-1] - r.random_em_scores[0]:+.3f})", r.em_scores[-1] - r.em_scores[0],
+                     f"{r.random_em_scores[-1] - r.random_em_scores[0]:+.3f})", r.top_change, r.top_change_ci,
                      unit="nats/token")]
 
 

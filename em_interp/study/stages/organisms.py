@@ -308,9 +308,11 @@ def rank1_entries(r: Rank1Analysis) -> dict[str, Any]:
 def rank1_headlines(r: Rank1Analysis) -> list[Headline]:
     """Summary lines of the rank1 stage."""
     split = {c: r.classes.count(c) for c in ("general", "domain-specific", "inactive")}
+    pg, pd = r.probe_general, r.probe_domain
     return [Headline("adapters: general / domain-specific / inactive",
-                     f"{split['general']} / {split['domain-specific']} / {split['inactive']} "
-                     f"(probe accuracy {r.probe_general.accuracy_mean:.2f}, {r.probe_domain.accuracy_mean:.2f})")]
+                     f"{split['general']} / {split['domain-specific']} / {split['inactive']} (held-out probe accuracy "
+                     f"{pg.accuracy_mean:.2f} ± {pg.accuracy_std:.2f}, {pd.accuracy_mean:.2f} ± {pd.accuracy_std:.2f} "
+                     "over splits)")]
 
 
 STAGES: tuple[Stage[Any], ...] = (
