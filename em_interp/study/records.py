@@ -196,7 +196,8 @@ class StageStore:
                 arrays_path = self.folder / info["file"]
                 if not arrays_path.is_file() or sha256_file(arrays_path) != info["sha256"]:
                     raise StageFileError(f"its arrays file {arrays_path.name} is missing or does not match")
-                arrays = load_file(arrays_path)
+                # fresh, aligned copies: math on memory-mapped rows can round differently from the run that made them
+                arrays = {k: v.clone() for k, v in load_file(arrays_path).items()}
             if sha256_json({"result": data["result"], "arrays": info}) != data.get("digest"):
                 raise StageFileError("its content does not match its digest")
             result = decode(data["result"], arrays)
