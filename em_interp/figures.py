@@ -50,7 +50,7 @@ def load_study(folder: str | Path) -> tuple[Any, dict[str, Any]]:
     store = StageStore(folder, config.identity())
     results = {}
     for stage in default_stages():
-        record = store.load(stage.name, key=None)
+        record = store.load(stage.name, key=None, then="no figures for stage")
         if record is not None:
             results[stage.name] = record.result
     if not results:

@@ -195,3 +195,21 @@ def test_report_renders_in_a_browser(tiny_study, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text("<html><body><script>undefinedFunction();</script></body></html>")
     assert console_errors(browser_console(broken)[1])
+
+
+def test_figures_skip_a_stage_file_of_another_version_and_say_so(tiny_study, tmp_path):
+    from em_interp.figures import study_figures
+    from em_interp.io import sha256_json
+
+    out = tmp_path / "old"
+    shutil.copytree(tiny_study[0], out)
+    path = out / "stages" / "steering.json"
+    data = json.loads(path.read_text())
+    data["result"]["fields"].pop("top_change")  # a result type that had other fields in an earlier version
+    data["digest"] = sha256_json({"result": data["result"], "arrays": data["arrays"]})
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"steering\.json is corrupt or from another em_interp version.*"
+                                         r"no figures for stage 'steering'"):
+        names = [name for name, _ in study_figures(out)]
+    assert names and not any(n.startswith("steering-") for n in names)
+    assert any(n.startswith("direction-") for n in names)

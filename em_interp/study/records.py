@@ -175,10 +175,11 @@ class StageStore:
             "seconds": round(seconds, 3), "arrays": arrays_info, "result": encoded})
         return StageRecord(stage, key, digest, round(seconds, 3), result)
 
-    def load(self, stage: str, key: str | None) -> StageRecord | None:
+    def load(self, stage: str, key: str | None, then: str = "rerunning stage") -> StageRecord | None:
         """The stored record of ``stage`` if it exists and matches ``key`` (None: any key); else None.
 
-        A corrupt or incomplete file is reported with a warning naming it and treated as absent
+        A corrupt or incomplete file, or one written by a version whose result type had other fields,
+        is reported with a warning naming it and what happens ``then``, and treated as absent
         (the stage reruns); a file whose inputs changed is absent too (it reruns silently).
         """
         path = self.json_path(stage)
@@ -202,7 +203,8 @@ class StageStore:
                 raise StageFileError("its content does not match its digest")
             result = decode(data["result"], arrays)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            warnings.warn(f"stage file {path} is corrupt ({exc}); rerunning stage {stage!r}", stacklevel=2)
+            warnings.warn(f"stage file {path} is corrupt or from another em_interp version ({exc}); {then} {stage!r}",
+                          stacklevel=2)
             return None
         return StageRecord(stage, data["key"], data["digest"], float(data.get("seconds", 0.0)), result)
 
