@@ -42,7 +42,7 @@ from em_interp.version import __version__
 RESIDUAL_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 #: Every site that can be cached: the residual sites, plus attn_out, mlp_out and mlp_post (the
 #: MLP's hidden activation, i.e. the input of down_proj, width d_mlp).
-ACTIVATION_SITES: tuple[str, ...] = (*RESIDUAL_SITES, "attn_out", "mlp_out", "mlp_post")
+ACTIVATION_SITES: tuple[str, ...] = HOOKS
 META_FILE = "meta.json"
 
 Activations = Float[Tensor, "rows d_model"]
@@ -285,10 +285,8 @@ def cache_residuals(
     """
     if len(examples) == 0:
         raise EmInterpError("examples is empty: nothing to cache")
-    if hook not in ACTIVATION_SITES:
-        raise EmInterpError(f"hook={hook!r} must be one of {ACTIVATION_SITES}")
+    check_option("hook", hook, ACTIVATION_SITES)
     check_option("reduction", reduction, REDUCTIONS)
-    check_option("hook", hook, HOOKS)
     if batch_size < 1 or shard_size < 1:
         raise EmInterpError("batch_size and shard_size must be >= 1")
     layer_list = sorted({model.check_layer(layer, "layers") for layer in (layers if layers is not None else range(model.n_layers))})

@@ -12,6 +12,7 @@ another study (other model or config) is refused unless ``force``, which clears 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import warnings
 from collections.abc import Mapping
@@ -167,8 +168,9 @@ class StageStore:
         encoded = encode(result, arrays)
         arrays_info = None
         if arrays:
-            path = atomic_write_bytes(self.folder / f"{stage}.safetensors", save_tensors(arrays))
-            arrays_info = {"file": path.name, "sha256": sha256_file(path)}
+            blob = save_tensors(arrays)
+            path = atomic_write_bytes(self.folder / f"{stage}.safetensors", blob)
+            arrays_info = {"file": path.name, "sha256": hashlib.sha256(blob).hexdigest()}
         digest = sha256_json({"result": encoded, "arrays": arrays_info})
         atomic_write_json(self.json_path(stage), {
             "format": FORMAT, "stage": stage, "study": self.study_key, "key": key, "digest": digest,
