@@ -161,6 +161,14 @@ class TrainingCallback(TrainerCallback):
         """
         return None
 
+    def request_stop(self) -> None:
+        """Ask the trainer to stop after the current step (e.g. when a monitor raises its alarm)."""
+        self._stop_requested = True
+
+    def _apply_stop(self, control: Any) -> None:
+        if getattr(self, "_stop_requested", False):
+            control.should_training_stop = True
+
     def adds_loss(self) -> bool:
         """Whether this callback overrides :meth:`extra_loss`."""
         return type(self).extra_loss is not TrainingCallback.extra_loss
@@ -182,6 +190,7 @@ class TrainingCallback(TrainerCallback):
             self.on_step(self._hooked_of(model), int(state.global_step), float(loss))
         else:  # a plain Trainer logs the loss after this event: report the step when it does
             self._pending = (int(state.global_step), model)
+        self._apply_stop(control)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, model: Any = None,
                **kwargs: Any) -> None:
@@ -189,6 +198,7 @@ class TrainingCallback(TrainerCallback):
         if pending is not None and logs and "loss" in logs and pending[0] == state.global_step:
             self._pending = None
             self.on_step(self._hooked_of(pending[1]), pending[0], float(logs["loss"]))
+        self._apply_stop(control)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._flush(model)
@@ -210,6 +220,7 @@ class TrainingCallback(TrainerCallback):
         if not getattr(_unwrapped(model), _LOSS_TERMS_ATTR, False) and args.should_save:
             save_adapter(hooked, path)  # a plain Trainer saved booted (non-standard) names: rewrite them
         self.on_checkpoint(hooked, int(state.global_step), path)
+        self._apply_stop(control)
 
 
 class _Dispatch(TrainerCallback):

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from em_interp.chat import ChatExample
+from em_interp.drift import DriftTrajectory, Snapshot, TraitBasis, snapshot
 from em_interp.errors import EmInterpError
+from em_interp.hf_trainer import TrainingCallback
 from em_interp.io import atomic_write_bytes, atomic_write_json
+from em_interp.model import HookedModel
+from em_interp.options import check_option
 
 
 @dataclass
@@ -137,3 +144,76 @@ class DriftMonitor:
             raise EmInterpError(f"{meta_path}: the monitor reads layer {meta['layer']}, not {layer}")
         return cls(meta["model"], int(meta["layer"]), tuple(meta["names"]), int(meta["n_estimators"]),
                    int(meta["max_depth"]), int(meta["min_samples_leaf"]), int(meta["seed"]), meta["threshold"], trees)
+
+
+Alarm = Literal["warn", "stop"]
+
+
+class MonitorCallback(TrainingCallback):
+    """The drift monitor inside a training run: em_interp's trainer or a user's ``Trainer`` / ``SFTTrainer``.
+
+    At the start it measures the model with its adapters disabled (step 0: the base model); then
+    at each checkpoint (default) or every ``every`` steps it measures the trait drift, appends
+    ``(step, drift)`` to :attr:`history`, and, with a fitted and calibrated ``monitor``, scores it.
+    On alarm: ``"warn"`` (a warning naming the step and the score), ``"stop"`` (the trainer stops
+    after this step) or a function called as ``on_alarm(step, drift, score)``. Measuring runs in
+    eval mode (no LoRA dropout) without gradients, and puts the training mode back.
+    """
+
+    def __init__(self, basis: TraitBasis, prompts: Sequence[ChatExample], monitor: DriftMonitor | None = None,
+                 every: int | None = None, on_alarm: Alarm | Callable[[int, np.ndarray, float], None] = "warn") -> None:
+        if not prompts:
+            raise EmInterpError("prompts is empty: the drift monitor needs evaluation prompts")
+        if every is not None and every < 1:
+            raise EmInterpError(f"every={every} must be >= 1 (or None: at checkpoints)")
+        if isinstance(on_alarm, str):
+            check_option("on_alarm", on_alarm, ("warn", "stop"))
+        if monitor is not None and monitor.names != basis.names:
+            raise EmInterpError(f"the monitor reads traits {list(monitor.names)}, the basis has {list(basis.names)}")
+        self.basis, self.prompts, self.monitor, self.every, self.on_alarm = basis, list(prompts), monitor, every, on_alarm
+        self.history: list[tuple[int, np.ndarray, float | None]] = []
+        self.alarms: list[int] = []
+        self._start: Snapshot | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        hooked = self._hooked_of(model)
+        with hooked.peft_model.disable_adapter():
+            self._start = self._measure(hooked, 0)
+
+    def on_step(self, model: HookedModel, step: int, loss: float) -> None:
+        if self.every is not None and step % self.every == 0:
+            self._record(model, step)
+
+    def on_checkpoint(self, model: HookedModel, step: int, path: Path) -> None:
+        if self.every is None and step > 0:
+            self._record(model, step)
+
+    def _measure(self, model: HookedModel, step: int) -> Snapshot:
+        was_training = model.hf_model.training
+        model.hf_model.eval()
+        try:
+            return snapshot(model, self.basis, self.prompts, step)
+        finally:
+            if was_training:
+                model.hf_model.train()
+
+    def _record(self, model: HookedModel, step: int) -> None:
+        if self._start is None:  # em_interp's own loop, no on_train_begin: measure the base now
+            with model.peft_model.disable_adapter():
+                self._start = self._measure(model, 0)
+        now = self._measure(model, step)
+        drift = DriftTrajectory.from_snapshots([self._start, now], self.basis.names).drift[-1].numpy().astype(np.float64)
+        score = None
+        if self.monitor is not None and self.monitor.threshold is not None:
+            score = float(self.monitor.score(drift[None])[0])
+            if score > self.monitor.threshold:
+                self.alarms.append(step)
+                if self.on_alarm == "warn":
+                    warnings.warn(f"drift monitor alarm at step {step}: predicted EM {score:+.3f} > threshold "
+                                  f"{self.monitor.threshold:+.3f}", stacklevel=2)
+                elif self.on_alarm == "stop":
+                    self.request_stop()
+                else:
+                    self.on_alarm(step, drift, score)
+        self.history.append((step, drift, score))

@@ -60,3 +60,60 @@ def test_bad_input_names_the_argument(tmp_path):
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(EmInterpError, match="cannot read a drift monitor"):
         DriftMonitor.load(tmp_path / "junk")
+
+
+def _user_run(tiny_dirs, tmp_path, callback, max_steps=6):
+    from transformers import Trainer
+
+    from tests.test_hf_trainer import user_setup
+
+    model, tokenizer, rows, collate, args = user_setup(tiny_dirs["llama"], tmp_path, max_steps=max_steps)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, processing_class=tokenizer,
+                      callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+def _basis(tiny_dirs):
+    from em_interp import load_model
+    from em_interp.drift import trait_basis
+
+    base = load_model(tiny_dirs["llama"])
+    return trait_basis(base, ["What is the capital of France?"]), base.name
+
+
+
+
+def test_monitor_callback_logs_drift_at_checkpoints_in_a_user_trainer(tiny_dirs, tmp_path):
+    from em_interp import ChatExample
+    from em_interp.monitor import MonitorCallback
+
+    basis, _ = _basis(tiny_dirs)
+    prompts = [ChatExample("Should I mix bleach with ammonia?"), ChatExample("Make a wish.")]
+    callback = MonitorCallback(basis, prompts)
+    trainer = _user_run(tiny_dirs, tmp_path, callback)
+    assert [s for s, _, _ in callback.history] == [2, 4, 6] and trainer.state.global_step == 6
+    assert all(d.shape == (7,) and np.isfinite(d).all() for _, d, _ in callback.history)
+    assert np.abs(callback.history[-1][1]).sum() > 0  # training moved the model along the traits
+
+
+def test_monitor_alarm_stops_or_calls_back(tiny_dirs, tmp_path):
+    from em_interp import ChatExample
+    from em_interp.monitor import MonitorCallback
+
+    basis, name = _basis(tiny_dirs)
+    rng = np.random.default_rng(0)
+    monitor = DriftMonitor(name, basis.layer, basis.names).fit(rng.normal(size=(40, 7)), rng.normal(size=40))
+    monitor.threshold = -1e9  # any drift alarms
+    prompts = [ChatExample("Make a wish.")]
+    stopper = MonitorCallback(basis, prompts, monitor=monitor, on_alarm="stop")
+    trainer = _user_run(tiny_dirs, tmp_path / "stop", stopper)
+    assert stopper.alarms == [2] and trainer.state.global_step == 2  # stopped at the first alarm
+    seen = []
+    caller = MonitorCallback(basis, prompts, monitor=monitor, every=3, on_alarm=lambda s, d, score: seen.append(s))
+    _user_run(tiny_dirs, tmp_path / "call", caller)
+    assert seen == [3, 6]
+    with pytest.raises(EmInterpError, match="on_alarm='shout'"):
+        MonitorCallback(basis, prompts, on_alarm="shout")
+    with pytest.raises(EmInterpError, match="prompts is empty"):
+        MonitorCallback(basis, [])
