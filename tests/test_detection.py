@@ -1,0 +1,49 @@
+"""Detector scoring (run-resampled CIs, lead time) and the simple baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from em_interp import EmInterpError
+from em_interp.detection import PCARidge, activation_drift_norm, lead_steps, score_detector
+
+
+def test_perfect_and_useless_detectors():
+    y = np.array([0, 0, 1, 1, 0, 1] * 3, dtype=bool)
+    runs = np.repeat(["a", "b", "c"], 6)
+    perfect = score_detector(y.astype(float), y, runs, threshold=0.5)
+    assert perfect.auroc == 1.0 and perfect.fnr == 0.0 and perfect.fpr == 0.0 and perfect.n_runs == 3
+    flat = score_detector(np.zeros(len(y)), y, runs, threshold=0.5)
+    assert flat.auroc == 0.5 and flat.fnr == 1.0 and flat.fpr == 0.0
+
+
+def test_cis_resample_runs_and_bracket_the_estimate():
+    rng = np.random.default_rng(0)
+    runs = np.repeat([f"r{i}" for i in range(10)], 8)
+    y = rng.random(len(runs)) < 0.4
+    scores = y + rng.normal(scale=0.8, size=len(y))
+    s = score_detector(scores, y, runs, threshold=0.5, seed=1)
+    assert s.auroc_ci[0] <= s.auroc <= s.auroc_ci[1] and s.fnr_ci[0] <= s.fnr <= s.fnr_ci[1]
+    assert s.auroc_ci[1] - s.auroc_ci[0] > 0.01
+
+
+def test_lead_time():
+    assert lead_steps([10, 20, 30, 40], [False, True, True, True], [False, False, True, True]) == 10
+    assert lead_steps([10, 20, 30], [False, False, True], [False, True, True]) == -10
+    assert lead_steps([10, 20], [False, False], [True, True]) is None
+    with pytest.raises(EmInterpError, match="not increasing"):
+        lead_steps([20, 10], [True, True], [True, True])
+
+
+def test_baselines():
+    rng = np.random.default_rng(0)
+    drift = rng.normal(size=(40, 16))
+    drift[:, 0] *= 5  # the EM-relevant drift dominates the variance (seed 000: PC1 explains 65%)
+    em = drift[:, 0] * 2 + 0.01 * rng.normal(size=40)
+    model = PCARidge(n_components=7).fit(drift, em)
+    assert np.corrcoef(model.score(drift), em)[0, 1] > 0.5
+    assert model.explained_variance_ratio.shape == (7,) and model.explained_variance_ratio[0] > 0.5
+    np.testing.assert_allclose(activation_drift_norm(drift), np.linalg.norm(drift, axis=1))
+    with pytest.raises(EmInterpError, match="one entry per checkpoint"):
+        score_detector([0.1], [True, False], ["a", "a"], 0.0)
