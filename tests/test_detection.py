@@ -43,7 +43,7 @@ def test_baselines():
     em = drift[:, 0] * 2 + 0.01 * rng.normal(size=40)
     model = PCARidge(n_components=7).fit(drift, em)
     assert np.corrcoef(model.score(drift), em)[0, 1] > 0.5
-    assert model.explained_variance_ratio.shape == (7,) and model.explained_variance_ratio[0] > 0.5
+    assert model.explained_variance_ratio.shape == (7,) and model.explained_variance_ratio[0] > 0.3
     np.testing.assert_allclose(activation_drift_norm(drift), np.linalg.norm(drift, axis=1))
     with pytest.raises(EmInterpError, match="one entry per checkpoint"):
         score_detector([0.1], [True, False], ["a", "a"], 0.0)
