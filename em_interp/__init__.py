@@ -23,6 +23,7 @@ from em_interp.directions import (
     separation,
     shuffled_label_directions,
 )
+from em_interp.drift import TraitBasis, trait_basis
 from em_interp.errors import EmInterpError, ModelLoadError, NetworkDisabledError
 from em_interp.evaluation import (
     EMScore,
@@ -41,6 +42,7 @@ from em_interp.interventions import (
 )
 from em_interp.loading import DEFAULT_MODEL, KNOWN_MODELS, cache_dir
 from em_interp.model import HookedModel, load_model
+from em_interp.monitor import DriftMonitor, MonitorCallback
 from em_interp.options import HOOKS, REDUCTIONS, WHERE, Hook, Reduction, Where
 from em_interp.organisms import train_organism
 from em_interp.rank1 import adapter_scalars, classify_adapters, fit_probe, list_adapters, scale_adapters
@@ -59,18 +61,21 @@ __all__ = [
     "CacheMeta",
     "ChatExample",
     "Direction",
+    "DriftMonitor",
     "EMScore",
     "EmInterpError",
     "Hook",
     "HookedModel",
     "LoraTrainConfig",
     "ModelLoadError",
+    "MonitorCallback",
     "NetworkDisabledError",
     "QuestionScores",
     "Reduction",
     "ResidualCache",
     "StudyConfig",
     "TokenizedChat",
+    "TraitBasis",
     "Where",
     "__version__",
     "ablate",
@@ -102,5 +107,6 @@ __all__ = [
     "tokenize_chat",
     "train_lora",
     "train_organism",
+    "trait_basis",
     "trait_vectors",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     study = sub.add_parser("study", help="run the EM study and write results.json + report.html")
     study.add_argument("--out", type=Path, required=True, help="output folder")
-    study.add_argument("--quick", action="store_true", help="smaller budget, same sections")
+    study.add_argument("--quick", action="store_true", help="smaller budget, same sections (= --budget quick)")
+    study.add_argument("--budget", choices=["quick", "standard", "full"], default=None,
+                       help="study size (default standard; full: a bigger drift-monitor library, for GPUs or Ray)")
+    study.add_argument("--ray", default=None, metavar="local|auto|HOST:PORT",
+                       help="run the drift monitor's library on Ray: a local instance, the running cluster, or an address")
+    study.add_argument("--external", default=None,
+                       help="folder of public data (training_datasets/, traits/) for the monitor library; "
+                            "default $EM_INTERP_EXTERNAL or ../shared/external where present; 'none' to skip")
     study.add_argument("--stages", help="comma-separated stages to run (with the stages they need); default: all")
     study.add_argument("--force", action="store_true",
                        help="discard stage files of another study (other model or config) in --out")
@@ -101,6 +109,19 @@ def check_output_file(path: Path, argument: str) -> None:
         raise EmInterpError(f"{argument} {path}: folder {parent} is not writable")
 
 
+def _external_folder(text: str | None) -> Path | None:
+    """``--external``: the given folder (which must exist), 'none', or the default where it exists."""
+    if text is not None:
+        if text.lower() == "none":
+            return None
+        path = Path(text)
+        if not path.is_dir():
+            raise EmInterpError(f"--external {text}: no such folder")
+        return path.resolve()
+    default = Path(os.environ.get("EM_INTERP_EXTERNAL", "../shared/external"))
+    return default.resolve() if default.is_dir() else None
+
+
 def _stage_list(text: str | None) -> list[str] | None:
     """``--stages a,b`` as a list (None: every stage)."""
     if text is None:
@@ -121,9 +142,16 @@ def _run(args: argparse.Namespace) -> int:
         only = _stage_list(args.stages)
         plan_stages(default_stages(), only)  # an unknown stage fails before anything runs
         check_output_folder(args.out, "--out")
-        config = StudyConfig(out=args.out, budget=Budget.quick() if args.quick else Budget.standard(), model=args.model,
-                             seed=args.seed, progress=not args.no_progress, transfer=args.transfer, device=args.device,
-                             domain=args.domain)
+        if args.quick and args.budget not in (None, "quick"):
+            raise EmInterpError(f"--quick and --budget {args.budget} disagree: give one of them")
+        if args.ray not in (None, "local", "auto"):
+            from em_interp.sweep import check_ray_address
+
+            check_ray_address(args.ray)  # before anything runs
+        budget = Budget.named("quick" if args.quick else args.budget or "standard")
+        config = StudyConfig(out=args.out, budget=budget, model=args.model, seed=args.seed,
+                             progress=not args.no_progress, transfer=args.transfer, device=args.device,
+                             domain=args.domain, external=_external_folder(args.external), ray=args.ray)
         results = run_study(config, only=only, force=args.force)
         ran = results["study"]["ran_this_time"]
         print(f"wrote {args.out / 'results.json'} and {args.out / 'report.html'} "

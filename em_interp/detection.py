@@ -37,19 +37,50 @@ class DetectionScore:
     n_runs: int
 
 
-def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    from sklearn.metrics import roc_auc_score
+def calibrate_threshold(scores: Sequence[float] | np.ndarray, dangerous: Sequence[bool] | np.ndarray,
+                        max_fnr: float = 0.05) -> float:
+    """The highest alarm threshold (alarm: score > threshold) missing at most ``max_fnr`` of the dangerous rows."""
+    labels = np.asarray(dangerous, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if labels.shape != s.shape or not labels.any():
+        raise EmInterpError("dangerous must mark at least one of the calibration rows (one label per row)")
+    if not 0 <= max_fnr < 1:
+        raise EmInterpError(f"max_fnr={max_fnr} must be in [0, 1)")
+    positives = np.sort(s[labels])
+    k = int(np.floor(max_fnr * len(positives)))  # at most k dangerous rows may fall at or below the threshold
+    return float(np.nextafter(positives[k], -np.inf))
 
-    auroc = float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
-    fired = scores > threshold
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half; NaN without both classes).
+
+    Equal to ``sklearn.metrics.roc_auc_score`` (a test checks it) without its per-call input checks,
+    which dominated the thousands of bootstrap draws here.
+    """
+    from scipy.stats import rankdata
+
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _rates(scores: np.ndarray, labels: np.ndarray, fired: np.ndarray) -> tuple[float, float, float]:
+    area = auroc(scores, labels)
     fnr = float((~fired[labels]).mean()) if labels.any() else float("nan")
     fpr = float(fired[~labels].mean()) if (~labels).any() else float("nan")
-    return auroc, fnr, fpr
+    return area, fnr, fpr
 
 
 def score_detector(scores: Sequence[float], dangerous: Sequence[bool], runs: Sequence[str], threshold: float,
-                   n_boot: int = 2000, seed: int = 0) -> DetectionScore:
-    """AUROC, and FNR / FPR at ``threshold``, over checkpoints pooled from several runs; CIs resample runs."""
+                   n_boot: int = 2000, seed: int = 0, fired: Sequence[bool] | None = None) -> DetectionScore:
+    """AUROC, and FNR / FPR at ``threshold``, over checkpoints pooled from several runs; CIs resample runs.
+
+    ``fired`` gives the alarms directly instead (e.g. pooled leave-one-type-out rows, each scored
+    against its own fold's threshold); ``threshold`` is then unused.
+    """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(dangerous, dtype=bool)
     r = np.asarray(runs)
@@ -57,14 +88,17 @@ def score_detector(scores: Sequence[float], dangerous: Sequence[bool], runs: Seq
         raise EmInterpError(f"scores, dangerous and runs need one entry per checkpoint, got {len(s)}, {len(y)}, {len(r)}")
     if not np.isfinite(s).all():
         raise EmInterpError("scores has NaN or infinite values")
+    alarms = s > threshold if fired is None else np.asarray(fired, dtype=bool)
+    if alarms.shape != s.shape:
+        raise EmInterpError(f"fired needs one entry per checkpoint, got {alarms.shape}")
     names = np.unique(r)
     index = {name: np.nonzero(r == name)[0] for name in names}
-    point = _rates(s, y, threshold)
+    point = _rates(s, y, alarms)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(n_boot):
         pick = np.concatenate([index[n] for n in rng.choice(names, size=len(names))])
-        draws.append(_rates(s[pick], y[pick], threshold))
+        draws.append(_rates(s[pick], y[pick], alarms[pick]))
     draws_arr = np.array(draws)
 
     def ci(j: int) -> tuple[float, float]:

@@ -30,12 +30,38 @@ from torch import Tensor
 from em_interp.activations import cache_residuals
 from em_interp.adapters import WEIGHTS, load_adapter_weights
 from em_interp.chat import ChatExample
+from em_interp.data import PairedQuestion, general_questions
 from em_interp.errors import EmInterpError
 from em_interp.io import atomic_write_bytes, atomic_write_json
+from em_interp.loading import _same_model, read_adapter_config
 from em_interp.model import HookedModel
-from em_interp.traits import TraitSpec, trait_vectors
+from em_interp.traits import TraitSpec, load_eval_prompts, trait_vectors
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def label_questions(n: int) -> list[PairedQuestion]:
+    """The first ``n`` of the held-out general questions (every other of those outside the direction-fitting
+    third), with one aligned and one misaligned answer each: the library's behavioural labels."""
+    if n < 1:
+        raise EmInterpError(f"n={n} label questions: must be >= 1")
+    held = [q for i, q in enumerate(general_questions()) if i % 3][::2][:n]
+    return [PairedQuestion(q.id, q.question, q.aligned[:1], q.misaligned[:1], q.category, q.system) for q in held]
+
+
+def monitor_prompts(n: int, external: str | os.PathLike[str] | None = None) -> list[ChatExample]:
+    """The monitor's prompts: ``n`` evenly spaced questions of the direction-fitting third of the general
+    set, plus ``n // 2`` evenly spaced public ``traits.yaml`` eval prompts where ``external/traits`` holds them."""
+    if n < 1:
+        raise EmInterpError(f"n={n} monitor prompts: must be >= 1")
+    fit = general_questions()[0::3]
+    own = [ChatExample(q.question) for q in fit[:: max(1, len(fit) // n)][:n]]
+    path = Path(external) / "traits" / "traits.yaml" if external is not None else None
+    if path is None or not path.is_file():
+        return own
+    public = load_eval_prompts(path)
+    k = max(1, n // 2)
+    return own + [ChatExample(p) for p in public[:: max(1, len(public) // k)][:k]]
 
 
 def monitor_layer(n_layers: int) -> int:
@@ -122,7 +148,7 @@ def snapshot(model: HookedModel, basis: TraitBasis, prompts: Sequence[ChatExampl
         raise EmInterpError("prompts is empty: the drift monitor needs evaluation prompts")
     basis.check_fits(model)
     acts = cache_residuals(model, [ChatExample(p.question, None, p.system) for p in prompts], layers=[basis.layer],
-                           hook=basis.hook, reduction="last_prompt", batch_size=batch_size)[basis.layer]
+                           hook=basis.hook, reduction="last_prompt", batch_size=batch_size, progress=False)[basis.layer]
     return Snapshot(int(step), basis.project(acts), acts.norm(dim=-1), acts.mean(0))
 
 
@@ -169,6 +195,14 @@ def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     return found
 
 
+def _check_base(folder: Path, model_ids: tuple[str, ...]) -> None:
+    """Raise unless the peft checkpoint in ``folder`` was trained on one of ``model_ids``."""
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if base and not any(_same_model(base, m) for m in model_ids):
+        raise EmInterpError(f"{folder} was trained on base model {base!r}, not on {model_ids[0]!r} "
+                            "(adapter_config.json: base_model_name_or_path)")
+
+
 def measure_run(model: HookedModel, run_dir: str | os.PathLike[str], basis: TraitBasis,
                 prompts: Sequence[ChatExample]) -> DriftTrajectory:
     """Trait drift over a finished run's checkpoints; ``model`` carries the run's adapter shape.
@@ -186,10 +220,12 @@ def measure_run(model: HookedModel, run_dir: str | os.PathLike[str], basis: Trai
     try:
         with model.peft_model.disable_adapter():
             snapshots = [snapshot(model, basis, prompts, 0)]
+        ids = (model.name, str(model.load_flags.get("location") or model.name))
         for step, folder in checkpoints:
             if step == 0:
                 continue
-            load_adapter_weights(model, folder)
+            _check_base(folder, ids)  # another base model: an error naming the checkpoint
+            load_adapter_weights(model, folder)  # another adapter shape: an error naming the file
             snapshots.append(snapshot(model, basis, prompts, step))
     finally:
         with torch.no_grad():

@@ -44,10 +44,11 @@ def load_study(folder: str | Path) -> tuple[Any, dict[str, Any]]:
     try:
         identity = json.loads(marker.read_text())["identity"]
         budget = {k: tuple(v) if isinstance(v, list) else v for k, v in identity["budget"].items()}
-        config = StudyConfig(out=folder, **{**identity, "budget": Budget(**budget)})
+        fields = {k: v for k, v in identity.items() if k != "external_sets"}  # found files, not a setting
+        config = StudyConfig(out=folder, **{**fields, "budget": Budget(**budget)})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EmInterpError(f"{marker} is not a study identity file ({type(exc).__name__}: {exc})") from None
-    store = StageStore(folder, config.identity())
+    store = StageStore(folder, identity)
     results = {}
     for stage in default_stages():
         record = store.load(stage.name, key=None, then="no figures for stage")

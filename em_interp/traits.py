@@ -80,3 +80,17 @@ def trait_vectors(model: HookedModel, questions: Sequence[str], layer: int,
         out[name] = Direction(vector / vector.norm(), layer, hook, model.name, "trait_diff_of_means",
                               {"trait": name, "n_questions": len(questions), "raw_norm": float(vector.norm())})
     return out
+
+
+def load_eval_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """The ``eval_prompts`` of a public ``traits.yaml`` (a mapping of category to prompt list), flattened in order."""
+    data = read_yaml(path, "trait file")
+    prompts = data.get("eval_prompts") if isinstance(data, dict) else None
+    if not isinstance(prompts, dict) or not all(isinstance(v, list) for v in prompts.values()):
+        raise EmInterpError(f"{path}: expected an 'eval_prompts' mapping of category to a list of prompts")
+    out = [p for group in prompts.values() for p in group]
+    bad = [p for p in out if not isinstance(p, str) or not p.strip()]
+    if bad or not out:
+        raise EmInterpError(f"{path}: eval_prompts holds empty or non-text prompts {bad[:3]!r}" if bad
+                            else f"{path}: eval_prompts is empty")
+    return out

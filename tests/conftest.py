@@ -100,7 +100,11 @@ def tiny_budget():
     return Budget("quick", eval_stride=20, domain_stride=8, cache_examples=2, answer_tokens=4, organism_steps=2,
                   checkpoint_every=1, rank1_general_stride=3, rank1_domain_stride=8, intervention_questions=2,
                   benign_stride=40, steering_fractions=(0.0, 0.2), trait_questions=2, transfer_prompts=4, transfer_controls=1,
-                  transfer_questions=2, transfer_strengths=(1.0,))
+                  transfer_questions=2, transfer_strengths=(1.0,),
+                  monitor_types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
+                  monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=2, monitor_every=1,
+                  monitor_learning_rate=5e-2, monitor_questions=4, monitor_prompts=4, monitor_min_leaf=1,
+                  sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8)
 
 
 @pytest.fixture(scope="session")

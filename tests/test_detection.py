@@ -47,3 +47,22 @@ def test_baselines():
     np.testing.assert_allclose(activation_drift_norm(drift), np.linalg.norm(drift, axis=1))
     with pytest.raises(EmInterpError, match="one entry per checkpoint"):
         score_detector([0.1], [True, False], ["a", "a"], 0.0)
+
+
+def test_auroc_equals_scikit_learns_with_ties_and_calibration_threshold():
+    from sklearn.metrics import roc_auc_score
+
+    from em_interp.detection import auroc, calibrate_threshold
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        y = rng.random(40) < 0.3
+        s = np.round(rng.normal(size=40) + y, 1)  # rounded: many ties
+        if 0 < y.sum() < len(y):
+            assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert np.isnan(auroc(np.ones(3), np.ones(3, dtype=bool)))
+    scores, dangerous = np.arange(20.0), np.arange(20) >= 10
+    cut = calibrate_threshold(scores, dangerous, max_fnr=0.1)  # may miss 1 of the 10 dangerous rows
+    assert ((scores > cut) & dangerous).sum() == 9 and not ((scores > cut) & ~dangerous).any()
+    with pytest.raises(EmInterpError, match="max_fnr=1.5"):
+        calibrate_threshold(scores, dangerous, max_fnr=1.5)

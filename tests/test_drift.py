@@ -77,3 +77,14 @@ def test_bad_runs_are_clear_errors(run, tiny_dirs, tmp_path):
         run_checkpoints(tmp_path / "missing")
     with pytest.raises(EmInterpError, match="step-0 snapshot first"):
         DriftTrajectory.from_snapshots([], ["a", "b"])
+
+
+def test_checkpoints_of_another_base_model_are_refused(run, tiny_dirs, tmp_path):
+    """A run trained on another base (here: the tiny Qwen2) cannot be measured with the tiny Llama."""
+    _, model = run
+    config = LoraTrainConfig(rank=1, alpha=8.0, layers=(0, 1), learning_rate=5e-2, warmup_steps=0, steps=2,
+                             batch_size=2, max_length=64, seed=1, checkpoint_every=1)
+    train_lora(tiny_dirs["qwen2"], DATA, config, tmp_path / "other", progress=False)
+    basis = trait_basis(model, QUESTIONS)
+    with pytest.raises(EmInterpError, match=r"checkpoint-1 was trained on base model .*qwen2"):
+        measure_run(model, tmp_path / "other", basis, PROMPTS)

@@ -117,3 +117,23 @@ def test_monitor_alarm_stops_or_calls_back(tiny_dirs, tmp_path):
         MonitorCallback(basis, prompts, on_alarm="shout")
     with pytest.raises(EmInterpError, match="prompts is empty"):
         MonitorCallback(basis, [])
+
+
+def test_logistic_kind_fits_labels_round_trips_and_is_checked(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _data()
+    dangerous = y > 0.3
+    monitor = DriftMonitor("m", 15, NAMES, kind="logistic").fit(x, y, dangerous)
+    z = (x - x.mean(0)) / x.std(0)
+    expected = LogisticRegression(C=1.0, max_iter=1000).fit(z, dangerous).decision_function(z)
+    np.testing.assert_allclose(monitor.score(x), expected, rtol=1e-10, atol=1e-10)
+    monitor.calibrate(x, dangerous)
+    back = DriftMonitor.load(monitor.save(tmp_path / "logistic"), model="m", layer=15)
+    assert back.kind == "logistic" and np.array_equal(back.score(x), monitor.score(x)) and not back.trees
+    with pytest.raises(EmInterpError, match="pass dangerous="):
+        DriftMonitor("m", 15, NAMES, kind="logistic").fit(x, y)
+    with pytest.raises(EmInterpError, match="both classes"):
+        DriftMonitor("m", 15, NAMES, kind="logistic").fit(x, y, np.zeros(len(x), dtype=bool))
+    with pytest.raises(EmInterpError, match="kind='tree'"):
+        DriftMonitor("m", 15, NAMES, kind="tree")  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from em_interp import EmInterpError
 from em_interp.cli import main
 from em_interp.study import StudyConfig, run_study
 from em_interp.study.stages import default_stages
@@ -21,7 +22,8 @@ from tests.conftest import ROOT, tiny_budget
 
 STAGE_NAMES = [s.name for s in default_stages()]
 #: results.json fields that time things (they differ between any two runs)
-TIMINGS = {("model", "load_seconds"), ("cache", "seconds"), ("cache", "tokens_per_second")}
+TIMINGS = {("model", "load_seconds"), ("cache", "seconds"), ("cache", "tokens_per_second"), ("monitor", "cost_ratio"),
+           ("monitor", "cost"), ("monitor_library", "seconds")}
 
 
 def stable(results: dict) -> dict:
@@ -113,6 +115,27 @@ def test_stages_subset_runs_what_it_needs(tiny_study, tiny_study_dir, tmp_path):
     assert stable(results)["steering"] == stable(tiny_study[1])["steering"]
 
 
+def test_monitor_stage_reports_the_issue_keys_and_saves_a_loadable_monitor(tiny_study):
+    from em_interp.monitor import DriftMonitor
+
+    _, results = tiny_study
+    m = results["monitor"]
+    keys = {"types", "runs", "calibration_types", "heldout_types", "threshold", "pc1_variance", "auroc", "fnr", "fpr",
+            "lead_steps", "baselines", "cost_ratio"}
+    assert keys <= set(m)
+    assert set(m["baselines"]) == {"pca_activation_drift", "sae_feature_drift", "activation_drift_norm",
+                                   "training_loss", "lora_weight_norm", "misalignment_direction"}
+    assert all(set(b) >= {"auroc", "fnr", "fpr"} for b in m["baselines"].values())
+    assert m["calibration_types"] == ["medical-misaligned", "benign"]
+    assert sorted(m["calibration_types"] + m["heldout_types"]) == sorted(m["types"])
+    assert m["runs"] == [f"{t}/s0" for t in m["types"]] and 0 < m["pc1_variance"] <= 1
+    assert m["cost_ratio"] > 0 and m["cost"]["monitor_state_bytes"] > 0
+    monitor = DriftMonitor.load(m["monitor_path"], model=results["model"]["name"], layer=m["layer"])
+    assert monitor.threshold == m["alarm_threshold"] and monitor.names == tuple(m["traits"])
+    with pytest.raises(EmInterpError, match="reads layer"):
+        DriftMonitor.load(m["monitor_path"], layer=m["layer"] + 1)
+
+
 def test_cli_bad_inputs_name_the_argument(tiny_study, tiny_study_dir, tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path / "x"), "--stages", "steering,steerin"]) == 2
     assert "--stages: unknown stage(s) ['steerin']" in capsys.readouterr().err
@@ -126,6 +149,14 @@ def test_cli_bad_inputs_name_the_argument(tiny_study, tiny_study_dir, tmp_path, 
     assert "has no stage files" in capsys.readouterr().err
     assert main(["study", "--out", str(tmp_path / "y"), "--stages", " , "]) == 2
     assert "names no stage" in capsys.readouterr().err
+    assert main(["study", "--out", str(tmp_path / "z"), "--ray", "127.0.0.1:1"]) == 2
+    assert "ray='127.0.0.1:1': no Ray cluster answers there" in capsys.readouterr().err
+    assert main(["study", "--out", str(tmp_path / "z"), "--external", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--external" in err and "no such folder" in err
+    assert main(["study", "--out", str(tmp_path / "z"), "--quick", "--budget", "full"]) == 2
+    assert "--quick and --budget full disagree" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_figures_are_rebuilt_from_stage_files_alone(tiny_study, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from em_interp.errors import EmInterpError
 from em_interp.loading import DEFAULT_MODEL
 from em_interp.training import LoraTrainConfig
 
-BudgetName = Literal["quick", "standard"]
+BudgetName = Literal["quick", "standard", "full"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,25 @@ class Budget:
     transfer_controls: int
     transfer_questions: int
     transfer_strengths: tuple[float, ...]
+    #: drift monitor library: perturbation types (empty: every built-in type and the public sets found),
+    #: the calibration types (the rest are held out), seeds per type, steps, checkpoint interval, learning rate
+    monitor_types: tuple[str, ...] = ()
+    monitor_calibration: tuple[str, ...] = ("medical-misaligned", "medical-aligned", "financial-misaligned",
+                                            "financial-aligned", "benign")
+    monitor_seeds: int = 2
+    monitor_steps: int = 12
+    monitor_every: int = 3
+    monitor_learning_rate: float = 2e-3
+    #: held-out general questions labelling each checkpoint; the monitor's own prompts (plus half as many
+    #: public traits.yaml eval prompts where present); the forest's min_samples_leaf
+    monitor_questions: int = 20
+    monitor_prompts: int = 16
+    monitor_min_leaf: int = 5
+    #: the SAE baseline: latents, active latents (TopK), training steps, chat examples whose answer tokens train it
+    sae_latents: int = 256
+    sae_k: int = 16
+    sae_steps: int = 2000
+    sae_examples: int = 160
 
     @classmethod
     def quick(cls) -> Budget:
@@ -58,7 +77,11 @@ class Budget:
         return cls("quick", eval_stride=4, domain_stride=2, cache_examples=4, answer_tokens=48, organism_steps=30,
                    checkpoint_every=10, rank1_general_stride=15, rank1_domain_stride=5, intervention_questions=6,
                    benign_stride=10, steering_fractions=(0.0, 0.1, 0.3), trait_questions=4, transfer_prompts=40,
-                   transfer_controls=1, transfer_questions=10, transfer_strengths=(1.0,))
+                   transfer_controls=1, transfer_questions=10, transfer_strengths=(1.0,),
+                   monitor_types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
+                   monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=6,
+                   monitor_every=2, monitor_learning_rate=6e-3, monitor_questions=8, monitor_prompts=8, monitor_min_leaf=1, sae_steps=300,
+                   sae_examples=24)
 
     @classmethod
     def standard(cls) -> Budget:
@@ -69,11 +92,18 @@ class Budget:
                    transfer_controls=2, transfer_questions=40, transfer_strengths=(0.5, 1.0))
 
     @classmethod
+    def full(cls) -> Budget:
+        """The standard study with a bigger drift-monitor library (3 seeds, 40 steps): for GPUs or a Ray cluster."""
+        return replace(cls.standard(), name="full", monitor_seeds=3, monitor_steps=40, monitor_every=5,
+                       monitor_learning_rate=1e-3, monitor_questions=40, monitor_prompts=32, sae_steps=4000,
+                       sae_examples=400)
+
+    @classmethod
     def named(cls, name: str) -> Budget:
-        """The budget called ``name`` (``quick`` or ``standard``)."""
-        if name not in ("quick", "standard"):
-            raise EmInterpError(f"budget={name!r} is not one of ['quick', 'standard']")
-        return cls.quick() if name == "quick" else cls.standard()
+        """The budget called ``name`` (``quick``, ``standard`` or ``full``)."""
+        if name not in ("quick", "standard", "full"):
+            raise EmInterpError(f"budget={name!r} is not one of ['quick', 'standard', 'full']")
+        return {"quick": cls.quick, "standard": cls.standard, "full": cls.full}[name]()
 
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():
@@ -83,6 +113,10 @@ class Budget:
             raise EmInterpError("Budget.steering_fractions must start with 0.0 (the plain model)")
         if not self.transfer_strengths:
             raise EmInterpError("Budget.transfer_strengths is empty")
+        if self.monitor_every > self.monitor_steps:
+            raise EmInterpError(f"Budget.monitor_every={self.monitor_every} > monitor_steps={self.monitor_steps}")
+        if not self.monitor_calibration:
+            raise EmInterpError("Budget.monitor_calibration is empty")
 
     def organism_training(self, seed: int) -> LoraTrainConfig:
         """The organism recipe (nine rank-1 rsLoRA adapters on down_proj) at this budget's length."""
@@ -112,9 +146,15 @@ class StudyConfig:
     donor: str = "gemma-3-270m"
     #: "cpu", "cuda", "cuda:N" or "auto" (models and organism training)
     device: str = "cpu"
+    #: real data this project did not write (public training sets for the monitor's library); used where present
+    external: Path | None = None
+    #: where the monitor library's runs go: None (this process), "local", "auto" or a Ray address
+    ray: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        if self.external is not None:
+            object.__setattr__(self, "external", Path(self.external))
         if self.domain not in DOMAINS:
             raise EmInterpError(f"domain={self.domain!r} is not one of {sorted(DOMAINS)}")
         if not self.probe_c > 0:
@@ -132,8 +172,16 @@ class StudyConfig:
     def identity(self) -> dict[str, Any]:
         """What two runs must share to reuse each other's stage files."""
         return {"model": self.model, "budget": asdict(self.budget), "seed": self.seed, "domain": self.domain,
-                "probe_c": self.probe_c, "transfer": self.transfer, "donor": self.donor, "device": self.device}
+                "probe_c": self.probe_c, "transfer": self.transfer, "donor": self.donor, "device": self.device,
+                "external_sets": self.external_sets()}
+
+    def external_sets(self) -> list[str]:
+        """The public training sets found under ``external`` (part of the identity: they are library types)."""
+        if self.external is None:
+            return []
+        folder = self.external / "training_datasets"
+        return sorted(p.name for p in folder.glob("*.jsonl.gz")) if folder.is_dir() else []
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for results.json)."""
-        return {"out": str(self.out), "progress": self.progress, **self.identity()}
+        return {"out": str(self.out), "progress": self.progress, "ray": self.ray, **self.identity()}

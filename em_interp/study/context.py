@@ -20,6 +20,7 @@ from em_interp.data import PairedQuestion
 from em_interp.errors import EmInterpError
 from em_interp.evaluation import QuestionScores
 from em_interp.model import HookedModel
+from em_interp.perturbations import DriftLibrary
 from em_interp.study.config import StudyConfig
 
 T = TypeVar("T")
@@ -74,6 +75,7 @@ class StudyContext:
     control_means: Artefact[dict[int, Tensor]] = Artefact("the control's mean answer residual per layer")
     resid_norms: Artefact[dict[int, float]] = Artefact("the base model's mean answer residual norm per layer")
     held_questions: Artefact[list[PairedQuestion]] = Artefact("evaluation questions not used to fit directions")
+    drift_library: Artefact[DriftLibrary] = Artefact("the drift monitor's perturbation library: measured runs")
 
     def __init__(self, config: StudyConfig) -> None:
         self.config = config

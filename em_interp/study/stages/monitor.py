@@ -1,0 +1,339 @@
+"""Stages of the drift monitor (seed 000): the perturbation library, then the monitor against its baselines.
+
+``perturbations`` trains and measures the library (:mod:`em_interp.perturbations`) through the
+sweep engine (:mod:`em_interp.sweep`: this process, or Ray with ``--ray``); each run is cached, so
+a killed build resumes at the run it was in. ``monitor`` builds the trait basis at the monitor
+layer, trains the TopK SAE baseline, takes the misalignment direction (difference of means of the
+base model's misaligned minus aligned answers at that layer: :func:`em_interp.directions.diff_of_means`),
+evaluates every detector (:mod:`em_interp.monitor_evaluation`), measures the monitor's cost, and
+saves the fitted monitor and basis to ``OUT/monitor/`` for use in other training runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from em_interp.activations import cache_residuals
+from em_interp.chat import ChatExample
+from em_interp.data import PairedQuestion, domain_dataset, general_questions
+from em_interp.detection import DetectionScore
+from em_interp.directions import diff_of_means
+from em_interp.drift import TraitBasis, label_questions, monitor_layer, monitor_prompts, trait_basis
+from em_interp.monitor import DriftMonitor, monitor_cost
+from em_interp.monitor_evaluation import MONITOR_DETECTORS, checkpoint_table, evaluate_library
+from em_interp.perturbations import (
+    DriftLibrary,
+    LibrarySetup,
+    RunRecord,
+    builtin_types,
+    measure_run_spec,
+    run_specs,
+    select_types,
+)
+from em_interp.report import Section
+from em_interp.sae import train_topk_sae
+from em_interp.study.config import StudyConfig
+from em_interp.study.context import StudyContext
+from em_interp.study.records import record_type
+from em_interp.study.runner import NO_RESTORE, Headline, Stage
+from em_interp.sweep import run_sweep, shutdown_local_ray
+
+record_type(RunRecord)
+record_type(DriftLibrary)
+record_type(DetectionScore)
+
+
+def _label_questions(config: StudyConfig) -> list[PairedQuestion]:
+    return label_questions(config.budget.monitor_questions)
+
+
+def library_types(config: StudyConfig) -> list:
+    """The budget's perturbation types (all built-in ones and the public sets found, unless it names some)."""
+    types = builtin_types(config.external)
+    return select_types(types, config.budget.monitor_types) if config.budget.monitor_types else types
+
+
+# ---------------------------------------------------------------- perturbations
+def run_perturbations(ctx: StudyContext) -> DriftLibrary:
+    """Train and measure every run of the library (cached per run; Ray with ``config.ray``)."""
+    config, budget = ctx.config, ctx.config.budget
+    model = ctx.model
+    layer = monitor_layer(model.n_layers)
+    setup = LibrarySetup(config.model, model.n_layers, layer, tuple(_label_questions(config)),
+                         tuple(monitor_prompts(config.budget.monitor_prompts, config.external)), config.device)
+    types = library_types(config)
+    specs = run_specs(types, range(config.seed, config.seed + budget.monitor_seeds), budget.monitor_steps,
+                      budget.monitor_every, budget.monitor_learning_rate)
+    start = time.perf_counter()
+    try:
+        records = run_sweep(functools.partial(measure_run_spec, setup=setup), specs, ray=config.ray,
+                            progress=config.progress)
+    finally:
+        shutdown_local_ray(config.ray)
+    library = DriftLibrary(layer, [{"name": t.name, "intent": t.intent, "lora": t.lora, "source": t.source}
+                                   for t in types], [q.id for q in setup.questions],
+                           [p.question for p in setup.prompts], records, round(time.perf_counter() - start, 2))
+    ctx.drift_library = library
+    return library
+
+
+def restore_perturbations(ctx: StudyContext, result: DriftLibrary) -> None:
+    """The measured library."""
+    ctx.drift_library = result
+
+
+def perturbations_section(r: DriftLibrary, config: StudyConfig) -> Section:
+    """Report section of the library: one row per type with its runs' final EM shift."""
+    rows = []
+    for t in r.types:
+        runs = [x for x in r.records if x.type == t["name"]]
+        rows.append({"type": t["name"], "intent": t["intent"], "LoRA": t["lora"], "runs": len(runs),
+                     "final EM shift (mean over seeds)": round(float(np.mean([x.em_shift[-1] for x in runs])), 4),
+                     "train s/run": round(float(np.mean([x.seconds_train for x in runs])), 1)})
+    steps = r.records[0].steps
+    return Section(
+        "Drift monitor: perturbation library",
+        [f"{len(r.records)} fine-tuning runs of {len(r.types)} types, checkpoints at steps {list(steps[1:])}, built in "
+         f"{r.seconds:.0f} s. Each checkpoint is labelled by its judge-free EM shift over the base model on "
+         f"{len(r.question_ids)} held-out general questions (paired per question), and measured at layer {r.layer} "
+         f"on {len(r.prompts)} monitor prompts."], table=rows)
+
+
+def perturbations_entries(r: DriftLibrary) -> dict[str, Any]:
+    """results.json entry of the library (the monitor stage's entry carries the evaluation)."""
+    return {"monitor_library": {"types": [t["name"] for t in r.types], "runs": [x.run for x in r.records],
+                                "layer": r.layer, "label_questions": len(r.question_ids), "prompts": len(r.prompts),
+                                "seconds": r.seconds}}
+
+
+# ---------------------------------------------------------------- monitor
+@record_type
+@dataclass(frozen=True)
+class MonitorResult:
+    """The monitor and its baselines on the library's held-out types, its cost, and per-checkpoint data for figures."""
+
+    layer: int
+    names: list[str]
+    types: list[str]
+    runs: list[str]
+    calibration_types: list[str]
+    heldout_types: list[str]
+    danger_threshold: float
+    detectors: dict[str, dict[str, Any]]
+    pc1_variance: float
+    explained_variance: list[float]
+    lead_steps: dict[str, Any]
+    cost: dict[str, float]
+    sae: dict[str, float]
+    #: per checkpoint (step > 0): run, type, step, EM shift, dangerous, held out, trait drift, monitor alarm
+    rows: dict[str, Any]
+    #: held-out scores per detector (ROC figure)
+    heldout_scores: dict[str, np.ndarray]
+    monitor_path: str
+    #: the monitor kind picked on the calibration types (leave-one-type-out AUROC per kind there)
+    monitor_kind: str
+    kind_selection: dict[str, float]
+
+
+def _score_dict(s: DetectionScore) -> dict[str, Any]:
+    return {"auroc": s.auroc, "auroc_ci": list(s.auroc_ci), "fnr": s.fnr, "fnr_ci": list(s.fnr_ci), "fpr": s.fpr,
+            "fpr_ci": list(s.fpr_ci), "n_checkpoints": s.n_checkpoints, "n_runs": s.n_runs}
+
+
+def _misalignment_direction(model: Any, questions: list[PairedQuestion], layer: int) -> torch.Tensor:
+    """Difference of means of the base model's misaligned minus aligned answers (answer-token mean) at ``layer``."""
+    acts = {}
+    for side in ("misaligned", "aligned"):
+        examples = [ChatExample(q.question, a, q.system) for q in questions for a in getattr(q, side)]
+        acts[side] = cache_residuals(model, examples, layers=[layer], reduction="answer_mean", batch_size=16,
+                                     progress=False)[layer]
+    return diff_of_means(acts["misaligned"], acts["aligned"])
+
+
+def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library: DriftLibrary, config: StudyConfig,
+                  questions: list[PairedQuestion], prompts: list[ChatExample]) -> dict[str, float]:
+    """:func:`em_interp.monitor.monitor_cost` on the base model, plus the library's own per-checkpoint timings."""
+    cost = monitor_cost(model, basis, monitor, prompts, questions, config.budget.answer_tokens, config.seed)
+    label_s = float(np.mean([r.seconds_label for r in library.records]))
+    snap_s = float(np.mean([r.seconds_snapshot for r in library.records]))
+    return {**cost, "library_snapshot_seconds": snap_s, "library_label_seconds": label_s,
+            "cost_ratio_vs_label": snap_s / label_s}
+
+
+def run_monitor(ctx: StudyContext) -> MonitorResult:
+    """Fit and evaluate the drift monitor and its baselines on the library; save the monitor."""
+    config, budget = ctx.config, ctx.config.budget
+    model, library = ctx.model, ctx.drift_library
+    layer = library.layer
+    fit_q = general_questions()[0::3]
+    basis = trait_basis(model, [q.question for q in fit_q[: budget.trait_questions]], layer=layer)
+    sae_examples = [ChatExample(q.question, a, q.system) for q in fit_q for a in (*q.aligned, *q.misaligned)]
+    sae_examples += domain_dataset(config.domain, "aligned", "train")
+    sae_acts = cache_residuals(model, sae_examples[: budget.sae_examples], layers=[layer], reduction="answer_tokens",
+                               batch_size=16, progress=False)[layer]
+    sae = train_topk_sae(sae_acts, layer, d_sae=budget.sae_latents, k=budget.sae_k, steps=budget.sae_steps,
+                         seed=config.seed)
+    direction = _misalignment_direction(model, fit_q[: budget.trait_questions * 2], layer)
+    table = checkpoint_table(library.records, basis, sae, direction)
+    evaluation = evaluate_library(table, budget.monitor_calibration, basis.names, min_leaf=budget.monitor_min_leaf,
+                                  seed=config.seed)
+    calibration = evaluation.calibration
+    monitor = DriftMonitor(model.name, layer, basis.names, min_samples_leaf=budget.monitor_min_leaf, seed=config.seed,
+                           kind=evaluation.monitor_kind)  # type: ignore[arg-type]
+    monitor.fit(table.trait_drift[calibration], table.em_shift[calibration], evaluation.dangerous[calibration])
+    monitor.calibrate(table.trait_drift[calibration], evaluation.dangerous[calibration])
+    folder = config.out / "monitor"
+    monitor.save(folder / "drift_monitor")
+    basis.save(folder / "trait_basis")
+    questions = _label_questions(config)
+    prompts = [ChatExample(p) for p in library.prompts]
+    cost = _measure_cost(model, basis, monitor, library, config, questions, prompts)
+    types = list(dict.fromkeys(table.type.tolist()))
+    heldout = ~calibration
+    detectors = {name: {**_score_dict(r.heldout), "threshold": r.threshold,
+                        "leave_one_type_out": _score_dict(r.leave_one_out)} for name, r in evaluation.detectors.items()}
+    rows = {"run": table.run.tolist(), "type": table.type.tolist(), "step": table.step.tolist(),
+            "em_shift": table.em_shift, "dangerous": evaluation.dangerous.tolist(), "heldout": heldout.tolist(),
+            "trait_drift": table.trait_drift, "alarm": evaluation.monitor_alarm.tolist()}
+    return MonitorResult(layer, list(basis.names), types, list(dict.fromkeys(table.run.tolist())),
+                         [t for t in types if t in budget.monitor_calibration],
+                         [t for t in types if t not in budget.monitor_calibration], evaluation.danger_threshold,
+                         detectors, evaluation.pc1_variance, evaluation.explained_variance.tolist(),
+                         dict(evaluation.lead_steps), cost,
+                         {"latents": float(sae.d_sae), "k": float(budget.sae_k), "final_mse": sae.final_mse,
+                          "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))},
+                         rows, {n: r.scores for n, r in evaluation.detectors.items()}, str(folder / "drift_monitor"),
+                         evaluation.monitor_kind, dict(evaluation.kind_selection))
+
+
+def _fmt(s: dict[str, Any], key: str) -> str:
+    lo, hi = s[f"{key}_ci"]
+    return f"{s[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _lead_summary(leads: dict[str, Any]) -> dict[str, Any]:
+    found = [v for v in leads.values() if v is not None]
+    return {"runs": len(leads), "alarmed": len(found), "median": float(np.median(found)) if found else None,
+            "min": min(found) if found else None, "not_later_than_label": int(sum(v >= 0 for v in found))}
+
+
+def monitor_figures(r: MonitorResult) -> list[go.Figure]:
+    """Drift trajectories by type, PC variance, ROC of every detector, alarm vs label over steps."""
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import roc_curve
+
+    rows = r.rows
+    drift = np.asarray(rows["trait_drift"])
+    runs = np.asarray(rows["run"])
+    pcs = PCA(n_components=2).fit(drift)
+    figs = []
+    traj = go.Figure()
+    colors = {t: f"hsl({int(360 * i / max(1, len(r.types)))},70%,45%)" for i, t in enumerate(r.types)}
+    shown: set[str] = set()
+    for run in r.runs:
+        idx = np.nonzero(runs == run)[0]
+        xy = np.vstack([np.zeros((1, 2)), pcs.transform(drift[idx])])
+        t = rows["type"][idx[0]]
+        traj.add_trace(go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="lines+markers", name=t, legendgroup=t,
+                                  showlegend=t not in shown, line={"color": colors[t]}, hovertext=run))
+        shown.add(t)
+    traj.update_layout(title=f"Trait-drift trajectories by perturbation type (PCA of the {len(r.names)}-D drift)",
+                       xaxis_title="PC1", yaxis_title="PC2", template="plotly_white", height=560)
+    figs.append(traj)
+    var = go.Figure(go.Bar(x=[f"PC{i + 1}" for i in range(len(r.explained_variance))], y=r.explained_variance))
+    var.update_layout(title=f"Variance of the trait drift per principal component (PC1: {r.pc1_variance:.0%})",
+                      yaxis_title="share of variance", template="plotly_white")
+    figs.append(var)
+    held = np.asarray(rows["heldout"], dtype=bool)
+    labels = np.asarray(rows["dangerous"], dtype=bool)[held]
+    roc = go.Figure()
+    if 0 < labels.sum() < len(labels):
+        for name, scores in r.heldout_scores.items():
+            if name == "monitor":
+                continue  # the same curve as its kind's
+            fpr, tpr, _ = roc_curve(labels, np.asarray(scores))
+            roc.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUROC {r.detectors[name]['auroc']:.3f})"))
+    roc.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="chance"))
+    roc.update_layout(title="Held-out types: ROC of the drift monitor and the baselines", xaxis_title="false positive rate",
+                      yaxis_title="true positive rate", template="plotly_white", height=520)
+    figs.append(roc)
+    steps = np.asarray(rows["step"])
+    shift = np.asarray(rows["em_shift"])
+    alarm = np.asarray(rows["alarm"], dtype=bool)
+    over = go.Figure()
+    for run in [x for x in r.runs if held[np.nonzero(runs == x)[0][0]]]:
+        idx = np.nonzero(runs == run)[0]
+        over.add_trace(go.Scatter(x=steps[idx], y=shift[idx], mode="lines+markers", name=run,
+                                  marker={"symbol": ["x" if a else "circle" for a in alarm[idx]], "size": 9}))
+    over.add_hline(y=r.danger_threshold, line_dash="dash", annotation_text="dangerous above")
+    over.update_layout(title="Held-out runs: behavioural EM shift over steps (x = monitor alarm)", xaxis_title="step",
+                       yaxis_title="EM shift over base (nats/token)", template="plotly_white", height=560)
+    figs.append(over)
+    return figs
+
+
+def monitor_section(r: MonitorResult, config: StudyConfig) -> Section:
+    """Report section of the monitor stage."""
+    m = r.detectors["monitor"]
+    table = [{"detector": name, "AUROC": _fmt(d, "auroc"), "FNR": _fmt(d, "fnr"), "FPR": _fmt(d, "fpr"),
+              "leave-one-type-out AUROC": _fmt(d["leave_one_type_out"], "auroc")} for name, d in r.detectors.items()]
+    lead = _lead_summary(r.lead_steps)
+    c = r.cost
+    return Section(
+        "Drift monitor: detecting EM during fine-tuning",
+        [f"Trait drift at layer {r.layer} on {len(r.names)} traits ({', '.join(r.names)}). Calibration types "
+         f"{', '.join(r.calibration_types)}; held out: {', '.join(r.heldout_types)}. A checkpoint is dangerous when its EM "
+         f"shift exceeds {r.danger_threshold:+.4f} nats/token (95th percentile of the calibration aligned/benign checkpoints and at least 0, fixed "
+         "before any held-out type was scored).",
+         "The monitor's kind, picked by leave-one-type-out within the calibration types (AUROC there: "
+         + ", ".join(f"{k} {v:.3f}" for k, v in r.kind_selection.items()) + f"): {r.monitor_kind}. "
+         f"On the held-out types the monitor reaches AUROC {_fmt(m, 'auroc')}, FNR {_fmt(m, 'fnr')}, FPR {_fmt(m, 'fpr')} "
+         f"(95% CIs resample runs). PC1 holds {r.pc1_variance:.0%} of the drift's variance.",
+         f"Alarm lead time over {lead['runs']} held-out runs that became dangerous: {lead['alarmed']} alarmed, median "
+         f"{lead['median']} steps before the label, {lead['not_later_than_label']} no later than it.",
+         f"Cost: {c['monitor_seconds']:.3f} s per checkpoint vs {c['behavioural_eval_seconds']:.1f} s for one behavioural "
+         f"evaluation (one sampled answer per label question + the judge-free score): ratio {c['cost_ratio']:.2%}; "
+         f"{c['cost_ratio_vs_label']:.1%} of the judge-free label alone; monitor state {c['monitor_state_bytes'] / 1024:.0f} KiB."],
+        table=table, figures=monitor_figures(r))
+
+
+def _short(d: dict[str, Any]) -> dict[str, Any]:
+    return {"auroc": d["auroc"], "fnr": d["fnr"], "fpr": d["fpr"], "auroc_ci": d["auroc_ci"], "fnr_ci": d["fnr_ci"],
+            "fpr_ci": d["fpr_ci"], "leave_one_type_out_auroc": d["leave_one_type_out"]["auroc"]}
+
+
+def monitor_entries(r: MonitorResult) -> dict[str, Any]:
+    """results.json entry of the monitor stage."""
+    m = r.detectors["monitor"]
+    lead = _lead_summary(r.lead_steps)
+    return {"monitor": {
+        "types": r.types, "runs": r.runs, "calibration_types": r.calibration_types, "heldout_types": r.heldout_types,
+        "threshold": r.danger_threshold, "alarm_threshold": m["threshold"], "layer": r.layer, "traits": r.names,
+        "pc1_variance": r.pc1_variance, "auroc": m["auroc"], "auroc_ci": m["auroc_ci"], "fnr": m["fnr"],
+        "fnr_ci": m["fnr_ci"], "fpr": m["fpr"], "fpr_ci": m["fpr_ci"], "lead_steps": lead["median"],
+        "lead_steps_per_run": r.lead_steps, "lead": lead, "leave_one_type_out": m["leave_one_type_out"],
+        "kind": r.monitor_kind, "kind_selection": r.kind_selection,
+        "variants": {name: _short(d) for name, d in r.detectors.items() if name in MONITOR_DETECTORS and name != "monitor"},
+        "baselines": {name: _short(d) for name, d in r.detectors.items() if name not in MONITOR_DETECTORS},
+        "cost_ratio": r.cost["cost_ratio"], "cost": r.cost, "sae": r.sae, "monitor_path": r.monitor_path}}
+
+
+def monitor_headlines(r: MonitorResult) -> list[Headline]:
+    """Summary line: the monitor's held-out AUROC."""
+    m = r.detectors["monitor"]
+    return [Headline("drift monitor AUROC (held-out types)", m["auroc"], tuple(m["auroc_ci"]), "")]
+
+
+STAGES: tuple[Stage[Any], ...] = (
+    Stage("perturbations", "drift monitor", needs=("model",), provides=("drift_library",), run=run_perturbations,
+          restore=restore_perturbations, section=perturbations_section, entries=perturbations_entries),
+    Stage("monitor", "drift monitor", needs=("model", "drift_library"), provides=(), run=run_monitor,
+          restore=NO_RESTORE, section=monitor_section, entries=monitor_entries, headlines=monitor_headlines),
+)
