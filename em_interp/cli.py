@@ -141,7 +141,6 @@ def _run(args: argparse.Namespace) -> int:
         resolve_device(args.device)
         only = _stage_list(args.stages)
         plan_stages(default_stages(), only)  # an unknown stage fails before anything runs
-        check_output_folder(args.out, "--out")
         if args.quick and args.budget not in (None, "quick"):
             raise EmInterpError(f"--quick and --budget {args.budget} disagree: give one of them")
         if args.ray not in (None, "local", "auto"):
@@ -149,9 +148,11 @@ def _run(args: argparse.Namespace) -> int:
 
             check_ray_address(args.ray)  # before anything runs
         budget = Budget.named("quick" if args.quick else args.budget or "standard")
+        external = _external_folder(args.external)
+        check_output_folder(args.out, "--out")
         config = StudyConfig(out=args.out, budget=budget, model=args.model, seed=args.seed,
                              progress=not args.no_progress, transfer=args.transfer, device=args.device,
-                             domain=args.domain, external=_external_folder(args.external), ray=args.ray)
+                             domain=args.domain, external=external, ray=args.ray)
         results = run_study(config, only=only, force=args.force)
         ran = results["study"]["ran_this_time"]
         print(f"wrote {args.out / 'results.json'} and {args.out / 'report.html'} "

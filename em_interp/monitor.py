@@ -173,17 +173,18 @@ class DriftMonitor:
         meta_path, arrays_path = path.with_name(path.name + ".json"), path.with_name(path.name + ".safetensors")
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("format") != "em_interp.drift_monitor/1":
-                raise ValueError("not a drift monitor file")
-            arrays = {k: v.clone().numpy() for k, v in load_file(str(arrays_path)).items()}
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            arrays = {k: v.clone().numpy() for k, v in load_file(str(arrays_path)).items()} if fmt else {}
             trees = [{k: arrays[f"{i}.{k}"] for k in ("left", "right", "feature", "threshold", "value")}
-                     for i in range(int(meta["n_trees"]))]
+                     for i in range(int(meta["n_trees"]))] if fmt else []
             linear = {k.removeprefix("linear."): v for k, v in arrays.items() if k.startswith("linear.")}
-            kind = meta.get("kind", "forest")
-            if kind not in MONITOR_KINDS or (kind == "logistic") != bool(linear):
-                raise ValueError(f"kind {kind!r} does not match the stored arrays")
+            kind = meta.get("kind", "forest") if fmt else None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EmInterpError(f"{path}: cannot read a drift monitor ({type(exc).__name__}: {exc})") from None
+        if fmt != "em_interp.drift_monitor/1":
+            raise EmInterpError(f"{path}: cannot read a drift monitor ({meta_path} is not a drift monitor file)")
+        if kind not in MONITOR_KINDS or (kind == "logistic") != bool(linear):
+            raise EmInterpError(f"{path}: cannot read a drift monitor (kind {kind!r} does not match the stored arrays)")
         if model is not None and meta["model"] != model:
             raise EmInterpError(f"{meta_path}: the monitor was fitted on model {meta['model']!r}, not {model!r}")
         if layer is not None and int(meta["layer"]) != layer:

@@ -118,7 +118,7 @@ def test_stages_subset_runs_what_it_needs(tiny_study, tiny_study_dir, tmp_path):
 def test_monitor_stage_reports_the_issue_keys_and_saves_a_loadable_monitor(tiny_study):
     from em_interp.monitor import DriftMonitor
 
-    _, results = tiny_study
+    out, results = tiny_study
     m = results["monitor"]
     keys = {"types", "runs", "calibration_types", "heldout_types", "threshold", "pc1_variance", "auroc", "fnr", "fpr",
             "lead_steps", "baselines", "cost_ratio"}
@@ -130,10 +130,10 @@ def test_monitor_stage_reports_the_issue_keys_and_saves_a_loadable_monitor(tiny_
     assert sorted(m["calibration_types"] + m["heldout_types"]) == sorted(m["types"])
     assert m["runs"] == [f"{t}/s0" for t in m["types"]] and 0 < m["pc1_variance"] <= 1
     assert m["cost_ratio"] > 0 and m["cost"]["monitor_state_bytes"] > 0
-    monitor = DriftMonitor.load(m["monitor_path"], model=results["model"]["name"], layer=m["layer"])
+    monitor = DriftMonitor.load(out / m["monitor_path"], model=results["model"]["name"], layer=m["layer"])
     assert monitor.threshold == m["alarm_threshold"] and monitor.names == tuple(m["traits"])
     with pytest.raises(EmInterpError, match="reads layer"):
-        DriftMonitor.load(m["monitor_path"], layer=m["layer"] + 1)
+        DriftMonitor.load(out / m["monitor_path"], layer=m["layer"] + 1)
 
 
 def test_cli_bad_inputs_name_the_argument(tiny_study, tiny_study_dir, tmp_path, capsys):

@@ -136,6 +136,7 @@ class MonitorResult:
     rows: dict[str, Any]
     #: held-out scores per detector (ROC figure)
     heldout_scores: dict[str, np.ndarray]
+    #: where the fitted monitor and trait basis are, relative to the study folder
     monitor_path: str
     #: the monitor kind picked on the calibration types (leave-one-type-out AUROC per kind there)
     monitor_kind: str
@@ -209,7 +210,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                          dict(evaluation.lead_steps), cost,
                          {"latents": float(sae.d_sae), "k": float(budget.sae_k), "final_mse": sae.final_mse,
                           "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))},
-                         rows, {n: r.scores for n, r in evaluation.detectors.items()}, str(folder / "drift_monitor"),
+                         rows, {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
                          evaluation.monitor_kind, dict(evaluation.kind_selection))
 
 
