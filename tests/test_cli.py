@@ -60,9 +60,13 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert steering["alphas"][0] == 0 and len(steering["em_scores"]) == len(steering["random_em_scores"]) == len(steering["alphas"])
     assert steering["em_scores"][0] == steering["random_em_scores"][0] and steering["benign_loglik_changes"][0] == 0
     assert results["transfer"]["status"] == "not run"
+    monitor = results["monitor"]  # the drift monitor on the real model, at the quick budget
+    assert monitor["layer"] == 15 and len(monitor["runs"]) == 4 and monitor["kind"] in ("forest", "logistic")
+    assert monitor["threshold"] >= 0 and 0 < monitor["pc1_variance"] <= 1 and monitor["cost_ratio"] > 0
+    assert (out / monitor["monitor_path"]).with_suffix(".json").is_file()
     report = (out / "report.html").read_text()
     assert "Misalignment direction" in report and "Ablating the misalignment direction" in report
-    assert "Steering the base model" in report
+    assert "Steering the base model" in report and "Drift monitor: detecting EM during fine-tuning" in report
     assert "Residual cache" in report and "plotly" in report and "Behavioural EM measure" in report
     assert "rank1: what the organism" in report and "EM shift of the organisms" in report
     assert report.index("<h2>Summary</h2>") < report.index("<h2>Model</h2>")
