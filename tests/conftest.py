@@ -104,6 +104,7 @@ def tiny_budget():
                   monitor_types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
                   monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=2, monitor_every=1,
                   monitor_learning_rate=5e-2, monitor_questions=4, monitor_prompts=4, monitor_min_leaf=1,
+                  monitor_trait_questions=2, monitor_bootstrap=100,
                   sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8)
 
 

@@ -170,3 +170,18 @@ def test_evaluation_bad_input():
         LibrarySetup("m", 2, 1, (PairedQuestion("q", "Q?", ("a",), ("b",)),), ())
     with pytest.raises(EmInterpError, match="questions is empty"):
         LibrarySetup("m", 2, 1, (), (ChatExample("Hi"),))
+
+
+def test_a_library_without_dangerous_calibration_checkpoints_is_reported_not_evaluable():
+    from dataclasses import replace
+
+    from em_interp.study.stages.monitor import _not_evaluable, monitor_entries
+
+    table = _table()
+    calm = replace(table, em_shift=-np.abs(table.em_shift))  # nothing more misaligned than the base
+    with pytest.raises(EmInterpError, match="no calibration checkpoint has an EM shift above"):
+        evaluate_library(calm, ("a-mis", "benign"), ("x", "y", "z"))
+    result = _not_evaluable(calm, ("a-mis", "benign"), ("x", "y", "z"), 1, {})
+    entry = monitor_entries(result)["monitor"]
+    assert entry["status"].startswith("not evaluable") and entry["auroc"] is None and entry["threshold"] == 0.0
+    assert _not_evaluable(table, ("a-mis", "benign"), ("x", "y", "z"), 1, {}) is None

@@ -44,8 +44,9 @@ def test_directions_notebook(smollm, tmp_path):
 def test_drift_monitor_notebook(smollm, tmp_path):
     # the quick study's library sizes: where tests/test_cli.py ran it first, its runs are reused from the cache
     run_notebook(ROOT / "notebooks" / "03_drift_monitor.ipynb",
-                 {"EM_INTERP_NB_STEPS": "6", "EM_INTERP_NB_EVERY": "2", "EM_INTERP_NB_SEEDS": "1",
+                 {"EM_INTERP_NB_STEPS": "6", "EM_INTERP_NB_EVERY": "3", "EM_INTERP_NB_SEEDS": "1",
                   "EM_INTERP_NB_QUESTIONS": "8", "EM_INTERP_NB_PROMPTS": "8", "EM_INTERP_NB_LR": "6e-3",
+                  "EM_INTERP_NB_TRAIT_QUESTIONS": "2",
                   "EM_INTERP_EXTERNAL": str(ROOT.parent / "shared" / "external"),
                   "EM_INTERP_NB_OUT": str(tmp_path / "monitor")}, cwd=tmp_path)
     assert (tmp_path / "monitor" / "drift_monitor.json").is_file()

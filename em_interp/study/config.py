@@ -65,6 +65,9 @@ class Budget:
     monitor_questions: int = 20
     monitor_prompts: int = 16
     monitor_min_leaf: int = 5
+    #: fitting questions whose prompts build the monitor's trait basis; bootstrap draws of its CIs
+    monitor_trait_questions: int = 8
+    monitor_bootstrap: int = 1000
     #: the SAE baseline: latents, active latents (TopK), training steps, chat examples whose answer tokens train it
     sae_latents: int = 256
     sae_k: int = 16
@@ -80,8 +83,8 @@ class Budget:
                    transfer_controls=1, transfer_questions=10, transfer_strengths=(1.0,),
                    monitor_types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
                    monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=6,
-                   monitor_every=2, monitor_learning_rate=6e-3, monitor_questions=8, monitor_prompts=8, monitor_min_leaf=1, sae_steps=300,
-                   sae_examples=24)
+                   monitor_every=3, monitor_learning_rate=6e-3, monitor_questions=8, monitor_prompts=8, monitor_min_leaf=1,
+                   monitor_trait_questions=2, monitor_bootstrap=200, sae_steps=300, sae_examples=24)
 
     @classmethod
     def standard(cls) -> Budget:

@@ -27,7 +27,13 @@ from em_interp.detection import DetectionScore
 from em_interp.directions import diff_of_means
 from em_interp.drift import TraitBasis, label_questions, monitor_layer, monitor_prompts, trait_basis
 from em_interp.monitor import DriftMonitor, monitor_cost
-from em_interp.monitor_evaluation import MONITOR_DETECTORS, checkpoint_table, evaluate_library
+from em_interp.monitor_evaluation import (
+    MONITOR_DETECTORS,
+    CheckpointTable,
+    checkpoint_table,
+    dangerous_threshold,
+    evaluate_library,
+)
 from em_interp.perturbations import (
     DriftLibrary,
     LibrarySetup,
@@ -141,6 +147,8 @@ class MonitorResult:
     #: the monitor kind picked on the calibration types (leave-one-type-out AUROC per kind there)
     monitor_kind: str
     kind_selection: dict[str, float]
+    #: "evaluated", or why not ("not evaluable: ...")
+    status: str = "evaluated"
 
 
 def _score_dict(s: DetectionScore) -> dict[str, Any]:
@@ -168,23 +176,50 @@ def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library:
             "cost_ratio_vs_label": snap_s / label_s}
 
 
+def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], names: tuple[str, ...], layer: int,
+                   sae_info: dict[str, float]) -> MonitorResult | None:
+    """A result that says why, when no calibration checkpoint is dangerous (short runs, small budgets, some seeds)."""
+    from sklearn.decomposition import PCA
+
+    calibration = np.isin(table.type, list(calibration_types))
+    threshold = dangerous_threshold(table, calibration)
+    if (table.em_shift[calibration] > threshold).any():
+        return None
+    types = list(dict.fromkeys(table.type.tolist()))
+    variance = PCA().fit(table.trait_drift).explained_variance_ratio_
+    reason = (f"not evaluable: no checkpoint of the calibration types ({', '.join(calibration_types)}) has an EM shift "
+              f"above {threshold:+.4f}, so no alarm can be calibrated (train longer or use a larger budget)")
+    rows = {"run": table.run.tolist(), "type": table.type.tolist(), "step": table.step.tolist(),
+            "em_shift": table.em_shift, "dangerous": [False] * len(table), "heldout": (~calibration).tolist(),
+            "trait_drift": table.trait_drift, "alarm": [False] * len(table)}
+    return MonitorResult(layer, list(names), types, list(dict.fromkeys(table.run.tolist())),
+                         [t for t in types if t in calibration_types], [t for t in types if t not in calibration_types],
+                         threshold, {}, float(variance[0]), variance.tolist(), {}, {}, sae_info, rows, {}, "", "", {},
+                         status=reason)
+
+
 def run_monitor(ctx: StudyContext) -> MonitorResult:
     """Fit and evaluate the drift monitor and its baselines on the library; save the monitor."""
     config, budget = ctx.config, ctx.config.budget
     model, library = ctx.model, ctx.drift_library
     layer = library.layer
     fit_q = general_questions()[0::3]
-    basis = trait_basis(model, [q.question for q in fit_q[: budget.trait_questions]], layer=layer)
+    basis = trait_basis(model, [q.question for q in fit_q[: budget.monitor_trait_questions]], layer=layer)
     sae_examples = [ChatExample(q.question, a, q.system) for q in fit_q for a in (*q.aligned, *q.misaligned)]
     sae_examples += domain_dataset(config.domain, "aligned", "train")
     sae_acts = cache_residuals(model, sae_examples[: budget.sae_examples], layers=[layer], reduction="answer_tokens",
                                batch_size=16, progress=False)[layer]
     sae = train_topk_sae(sae_acts, layer, d_sae=budget.sae_latents, k=budget.sae_k, steps=budget.sae_steps,
                          seed=config.seed)
-    direction = _misalignment_direction(model, fit_q[: budget.trait_questions * 2], layer)
+    direction = _misalignment_direction(model, fit_q[: budget.monitor_trait_questions * 2], layer)
     table = checkpoint_table(library.records, basis, sae, direction)
+    sae_info = {"latents": float(sae.d_sae), "k": float(budget.sae_k), "final_mse": sae.final_mse,
+                "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))}
+    not_evaluable = _not_evaluable(table, budget.monitor_calibration, basis.names, layer, sae_info)
+    if not_evaluable is not None:
+        return not_evaluable
     evaluation = evaluate_library(table, budget.monitor_calibration, basis.names, min_leaf=budget.monitor_min_leaf,
-                                  seed=config.seed)
+                                  seed=config.seed, n_boot=budget.monitor_bootstrap)
     calibration = evaluation.calibration
     monitor = DriftMonitor(model.name, layer, basis.names, min_samples_leaf=budget.monitor_min_leaf, seed=config.seed,
                            kind=evaluation.monitor_kind)  # type: ignore[arg-type]
@@ -207,10 +242,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                          [t for t in types if t in budget.monitor_calibration],
                          [t for t in types if t not in budget.monitor_calibration], evaluation.danger_threshold,
                          detectors, evaluation.pc1_variance, evaluation.explained_variance.tolist(),
-                         dict(evaluation.lead_steps), cost,
-                         {"latents": float(sae.d_sae), "k": float(budget.sae_k), "final_mse": sae.final_mse,
-                          "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))},
-                         rows, {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
+                         dict(evaluation.lead_steps), cost, sae_info, rows, {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
                          evaluation.monitor_kind, dict(evaluation.kind_selection))
 
 
@@ -282,6 +314,9 @@ def monitor_figures(r: MonitorResult) -> list[go.Figure]:
 
 def monitor_section(r: MonitorResult, config: StudyConfig) -> Section:
     """Report section of the monitor stage."""
+    if r.status != "evaluated":
+        return Section("Drift monitor: detecting EM during fine-tuning", [f"The drift monitor is {r.status}."],
+                       figures=monitor_figures(r)[:2])
     m = r.detectors["monitor"]
     table = [{"detector": name, "AUROC": _fmt(d, "auroc"), "FNR": _fmt(d, "fnr"), "FPR": _fmt(d, "fpr"),
               "leave-one-type-out AUROC": _fmt(d["leave_one_type_out"], "auroc")} for name, d in r.detectors.items()]
@@ -312,10 +347,15 @@ def _short(d: dict[str, Any]) -> dict[str, Any]:
 
 def monitor_entries(r: MonitorResult) -> dict[str, Any]:
     """results.json entry of the monitor stage."""
+    if r.status != "evaluated":
+        return {"monitor": {"status": r.status, "types": r.types, "runs": r.runs, "calibration_types": r.calibration_types,
+                            "heldout_types": r.heldout_types, "threshold": r.danger_threshold, "layer": r.layer,
+                            "traits": r.names, "pc1_variance": r.pc1_variance, "auroc": None, "fnr": None, "fpr": None,
+                            "lead_steps": None, "baselines": {}, "cost_ratio": None, "sae": r.sae}}
     m = r.detectors["monitor"]
     lead = _lead_summary(r.lead_steps)
     return {"monitor": {
-        "types": r.types, "runs": r.runs, "calibration_types": r.calibration_types, "heldout_types": r.heldout_types,
+        "status": r.status, "types": r.types, "runs": r.runs, "calibration_types": r.calibration_types, "heldout_types": r.heldout_types,
         "threshold": r.danger_threshold, "alarm_threshold": m["threshold"], "layer": r.layer, "traits": r.names,
         "pc1_variance": r.pc1_variance, "auroc": m["auroc"], "auroc_ci": m["auroc_ci"], "fnr": m["fnr"],
         "fnr_ci": m["fnr_ci"], "fpr": m["fpr"], "fpr_ci": m["fpr_ci"], "lead_steps": lead["median"],
@@ -328,6 +368,8 @@ def monitor_entries(r: MonitorResult) -> dict[str, Any]:
 
 def monitor_headlines(r: MonitorResult) -> list[Headline]:
     """Summary line: the monitor's held-out AUROC."""
+    if r.status != "evaluated":
+        return []
     m = r.detectors["monitor"]
     return [Headline("drift monitor AUROC (held-out types)", m["auroc"], tuple(m["auroc_ci"]), "")]
 
