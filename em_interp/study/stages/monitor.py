@@ -37,6 +37,7 @@ from em_interp.monitor_evaluation import (
 from em_interp.perturbations import (
     DriftLibrary,
     LibrarySetup,
+    PerturbationType,
     RunRecord,
     builtin_types,
     measure_run_spec,
@@ -60,7 +61,7 @@ def _label_questions(config: StudyConfig) -> list[PairedQuestion]:
     return label_questions(config.budget.monitor_questions)
 
 
-def library_types(config: StudyConfig) -> list:
+def library_types(config: StudyConfig) -> list[PerturbationType]:
     """The budget's perturbation types (all built-in ones and the public sets found, unless it names some)."""
     types = builtin_types(config.external)
     return select_types(types, config.budget.monitor_types) if config.budget.monitor_types else types
@@ -151,9 +152,15 @@ class MonitorResult:
     status: str = "evaluated"
 
 
+def _num(x: float) -> float | None:
+    """``x``, or None where it is undefined (NaN: e.g. an AUROC over held-out rows of one class); JSON has no NaN."""
+    return float(x) if np.isfinite(x) else None
+
+
 def _score_dict(s: DetectionScore) -> dict[str, Any]:
-    return {"auroc": s.auroc, "auroc_ci": list(s.auroc_ci), "fnr": s.fnr, "fnr_ci": list(s.fnr_ci), "fpr": s.fpr,
-            "fpr_ci": list(s.fpr_ci), "n_checkpoints": s.n_checkpoints, "n_runs": s.n_runs}
+    return {"auroc": _num(s.auroc), "auroc_ci": [_num(v) for v in s.auroc_ci], "fnr": _num(s.fnr),
+            "fnr_ci": [_num(v) for v in s.fnr_ci], "fpr": _num(s.fpr), "fpr_ci": [_num(v) for v in s.fpr_ci],
+            "n_checkpoints": s.n_checkpoints, "n_runs": s.n_runs}
 
 
 def _misalignment_direction(model: Any, questions: list[PairedQuestion], layer: int) -> torch.Tensor:
@@ -247,8 +254,11 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
 
 
 def _fmt(s: dict[str, Any], key: str) -> str:
+    def one(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     lo, hi = s[f"{key}_ci"]
-    return f"{s[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{one(s[key])} [{one(lo)}, {one(hi)}]"
 
 
 def _lead_summary(leads: dict[str, Any]) -> dict[str, Any]:
@@ -360,7 +370,7 @@ def monitor_entries(r: MonitorResult) -> dict[str, Any]:
         "pc1_variance": r.pc1_variance, "auroc": m["auroc"], "auroc_ci": m["auroc_ci"], "fnr": m["fnr"],
         "fnr_ci": m["fnr_ci"], "fpr": m["fpr"], "fpr_ci": m["fpr_ci"], "lead_steps": lead["median"],
         "lead_steps_per_run": r.lead_steps, "lead": lead, "leave_one_type_out": m["leave_one_type_out"],
-        "kind": r.monitor_kind, "kind_selection": r.kind_selection,
+        "kind": r.monitor_kind, "kind_selection": {k: _num(v) for k, v in r.kind_selection.items()},
         "variants": {name: _short(d) for name, d in r.detectors.items() if name in MONITOR_DETECTORS and name != "monitor"},
         "baselines": {name: _short(d) for name, d in r.detectors.items() if name not in MONITOR_DETECTORS},
         "cost_ratio": r.cost["cost_ratio"], "cost": r.cost, "sae": r.sae, "monitor_path": r.monitor_path}}
@@ -368,7 +378,7 @@ def monitor_entries(r: MonitorResult) -> dict[str, Any]:
 
 def monitor_headlines(r: MonitorResult) -> list[Headline]:
     """Summary line: the monitor's held-out AUROC."""
-    if r.status != "evaluated":
+    if r.status != "evaluated" or r.detectors["monitor"]["auroc"] is None:
         return []
     m = r.detectors["monitor"]
     return [Headline("drift monitor AUROC (held-out types)", m["auroc"], tuple(m["auroc_ci"]), "")]
