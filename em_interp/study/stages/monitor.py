@@ -183,6 +183,14 @@ def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library:
             "cost_ratio_vs_label": snap_s / label_s}
 
 
+def _checkpoint_rows(table: CheckpointTable, calibration: np.ndarray, dangerous: np.ndarray,
+                     alarm: np.ndarray) -> dict[str, Any]:
+    """The per-checkpoint data the figures read (MonitorResult.rows)."""
+    return {"run": table.run.tolist(), "type": table.type.tolist(), "step": table.step.tolist(),
+            "em_shift": table.em_shift, "dangerous": dangerous.tolist(), "heldout": (~calibration).tolist(),
+            "trait_drift": table.trait_drift, "alarm": alarm.tolist()}
+
+
 def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], names: tuple[str, ...], layer: int,
                    sae_info: dict[str, float]) -> MonitorResult | None:
     """A result that says why, when no calibration checkpoint is dangerous (short runs, small budgets, some seeds)."""
@@ -196,9 +204,8 @@ def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], n
     variance = PCA().fit(table.trait_drift).explained_variance_ratio_
     reason = (f"not evaluable: no checkpoint of the calibration types ({', '.join(calibration_types)}) has an EM shift "
               f"above {threshold:+.4f}, so no alarm can be calibrated (train longer or use a larger budget)")
-    rows = {"run": table.run.tolist(), "type": table.type.tolist(), "step": table.step.tolist(),
-            "em_shift": table.em_shift, "dangerous": [False] * len(table), "heldout": (~calibration).tolist(),
-            "trait_drift": table.trait_drift, "alarm": [False] * len(table)}
+    none = np.zeros(len(table), dtype=bool)
+    rows = _checkpoint_rows(table, calibration, none, none)
     return MonitorResult(layer, list(names), types, list(dict.fromkeys(table.run.tolist())),
                          [t for t in types if t in calibration_types], [t for t in types if t not in calibration_types],
                          threshold, {}, float(variance[0]), variance.tolist(), {}, {}, sae_info, rows, {}, "", "", {},
@@ -239,17 +246,15 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     prompts = [ChatExample(p) for p in library.prompts]
     cost = _measure_cost(model, basis, monitor, library, config, questions, prompts)
     types = list(dict.fromkeys(table.type.tolist()))
-    heldout = ~calibration
     detectors = {name: {**_score_dict(r.heldout), "threshold": r.threshold,
                         "leave_one_type_out": _score_dict(r.leave_one_out)} for name, r in evaluation.detectors.items()}
-    rows = {"run": table.run.tolist(), "type": table.type.tolist(), "step": table.step.tolist(),
-            "em_shift": table.em_shift, "dangerous": evaluation.dangerous.tolist(), "heldout": heldout.tolist(),
-            "trait_drift": table.trait_drift, "alarm": evaluation.monitor_alarm.tolist()}
+    rows = _checkpoint_rows(table, calibration, evaluation.dangerous, evaluation.monitor_alarm)
     return MonitorResult(layer, list(basis.names), types, list(dict.fromkeys(table.run.tolist())),
                          [t for t in types if t in budget.monitor_calibration],
                          [t for t in types if t not in budget.monitor_calibration], evaluation.danger_threshold,
                          detectors, evaluation.pc1_variance, evaluation.explained_variance.tolist(),
-                         dict(evaluation.lead_steps), cost, sae_info, rows, {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
+                         dict(evaluation.lead_steps), cost, sae_info, rows,
+                         {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
                          evaluation.monitor_kind, dict(evaluation.kind_selection))
 
 
