@@ -105,7 +105,11 @@ def tiny_budget():
                   monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=2, monitor_every=1,
                   monitor_learning_rate=5e-2, monitor_questions=4, monitor_prompts=4, monitor_min_leaf=1,
                   monitor_trait_questions=2, monitor_bootstrap=100,
-                  sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8)
+                  sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8,
+                  defense_steps=2, defense_learning_rate=5e-2, defense_batch_size=2, defense_questions=2,
+                  defense_task_examples=2, defense_check_every=1, defense_timing_cycles=1,
+                  defense_strengths=(("kl", (1.0,)), ("ldifs", (1.0,)), ("safelora", (0.5,)), ("interleave", (2.0,)),
+                                     ("ablate_direction", (1.0,)), ("preventative_steering", (0.3,))))
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,14 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert monitor["layer"] == 15 and len(monitor["runs"]) == 4 and monitor["kind"] in ("forest", "logistic")
     assert monitor["threshold"] >= 0 and 0 < monitor["pc1_variance"] <= 1 and monitor["cost_ratio"] > 0
     assert (out / monitor["monitor_path"]).with_suffix(".json").is_file()
+    defenses, study = results["defenses"], results["defenses_study"]  # the six defenses on the real model
+    assert set(defenses) == {"kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering"}
+    assert all(len(d["em_shift"]) == len(d["strengths"]) == len(d["benign_task_loss"]) for d in defenses.values())
+    assert study["none"]["medical"]["em_shift_ci"][0] > 0  # the undefended organism is misaligned over its control
+    assert set(study["timing"]["ratios"]) == {"kl", "ldifs", "ablate_direction", "preventative_steering"}
+    assert results["triggered"]["status"] == "run" and results["triggered"]["defense"] in study["timing"]["ratios"]
     report = (out / "report.html").read_text()
+    assert "Defenses during fine-tuning" in report
     assert "Misalignment direction" in report and "Ablating the misalignment direction" in report
     assert "Steering the base model" in report and "Drift monitor: detecting EM during fine-tuning" in report
     assert "Residual cache" in report and "plotly" in report and "Behavioural EM measure" in report
@@ -90,11 +97,16 @@ def _stable(results: dict) -> dict:
     return stable(results)
 
 
-def test_quick_study_resumes_from_a_random_stage_and_reruns_in_seconds(quick_study, tmp_path, capsys):
-    """A study stopped before stage k (its files from k on missing) resumes at k and ends with the same results."""
+def test_quick_study_resumes_from_a_random_late_stage_and_reruns_in_seconds(quick_study, tmp_path, capsys):
+    """A study stopped before stage k (its files from k on missing) resumes at k and ends with the same results.
+
+    k is drawn from the last two stage groups (their trained runs come from the cache, so the rerun
+    stays short on the real model); the tiny study's kill test (tests/test_study_pipeline.py) covers
+    a resume at every stage.
+    """
     expected = json.loads((quick_study / "results.json").read_text())
     names = expected["study"]["stages"]
-    k = random.randrange(1, len(names))
+    k = random.randrange(names.index("perturbations"), len(names))
     print(f"resuming the quick study at stage {names[k]!r}")
     out = tmp_path / "resumed"
     shutil.copytree(quick_study / "stages", out / "stages")

@@ -50,3 +50,12 @@ def test_drift_monitor_notebook(smollm, tmp_path):
                   "EM_INTERP_EXTERNAL": str(ROOT.parent / "shared" / "external"),
                   "EM_INTERP_NB_OUT": str(tmp_path / "monitor")}, cwd=tmp_path)
     assert (tmp_path / "monitor" / "drift_monitor.json").is_file()
+
+
+def test_defenses_notebook(smollm, tmp_path):
+    # the quick study's defense sizes: runs without a direction are shared with it through the cache
+    run_notebook(ROOT / "notebooks" / "04_defenses.ipynb",
+                 {"EM_INTERP_NB_STEPS": "4", "EM_INTERP_NB_LR": "6e-3", "EM_INTERP_NB_BATCH": "2",
+                  "EM_INTERP_NB_QUESTIONS": "8", "EM_INTERP_NB_TASK": "8", "EM_INTERP_NB_OUT": str(tmp_path / "def")},
+                 cwd=tmp_path)
+    assert (tmp_path / "def" / "tradeoff.html").is_file()

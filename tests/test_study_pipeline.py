@@ -34,6 +34,13 @@ def stable(results: dict) -> dict:
         out.get(section, {}).pop(key, None)
     for role in ("organism", "control"):
         out.get("organisms", {}).get(role, {}).pop("train_seconds", None)
+    for entry in out.get("defenses", {}).values():
+        entry.pop("step_time_ratio", None)
+    study = out.get("defenses_study", {})
+    for key in ("timing", "seconds"):
+        study.pop(key, None)
+    for entry in study.get("none", {}).values():
+        entry.pop("train_seconds", None)
     return out
 
 
@@ -113,6 +120,28 @@ def test_stages_subset_runs_what_it_needs(tiny_study, tiny_study_dir, tmp_path):
     only = run_study(tiny_config(fresh, tiny_study_dir), only=["em_base"])
     assert only["study"]["stages"] == ["model", "em_base"] and "rank1" not in only
     assert stable(results)["steering"] == stable(tiny_study[1])["steering"]
+
+
+def test_defenses_stage_reports_every_defense_with_the_issue_keys(tiny_study):
+    out, results = tiny_study
+    defenses = results["defenses"]
+    assert set(defenses) == {"kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering"}
+    for d in defenses.values():
+        assert {"strengths", "em_shift", "em_shift_ci", "task_loss", "benign_task_loss", "step_time_ratio"} <= set(d)
+        n = len(d["strengths"])
+        assert len(d["em_shift"]) == len(d["task_loss"]) == len(d["benign_task_loss"]) == len(d["em_shift_ci"]) == n
+        assert all(lo <= m <= hi for m, (lo, hi) in zip(d["em_shift"], d["em_shift_ci"]))
+        assert all(loss > 0 for loss in d["task_loss"] + d["benign_task_loss"]) and d["step_time_ratio"] > 0
+    timed = results["defenses_study"]["timing"]["ratios"]
+    assert set(timed) == {"kl", "ldifs", "ablate_direction", "preventative_steering"}
+    assert defenses["interleave"]["step_time_ratio"] == defenses["safelora"]["step_time_ratio"] == 1.0
+    triggered = results["triggered"]
+    assert triggered["status"] == "run" and triggered["defense"] in timed
+    assert {"em_shift", "em_shift_ci", "task_loss", "always_on", "none", "switched_at"} <= set(triggered)
+    # the defended runs are distinct trainings: a defense changes the task loss of the organism
+    assert len({d["task_loss"][0] for name, d in defenses.items()}) == len(defenses)
+    report = (out / "report.html").read_text()
+    assert "Defenses during fine-tuning" in report and "Every defense at its best setting" in report
 
 
 def test_monitor_stage_reports_the_issue_keys_and_saves_a_loadable_monitor(tiny_study):

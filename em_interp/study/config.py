@@ -73,6 +73,20 @@ class Budget:
     sae_k: int = 16
     sae_steps: int = 2000
     sae_examples: int = 160
+    #: defenses: domains (empty: the study's domain), run length, learning rate and batch, held-out general
+    #: questions of the EM shift, held-out in-domain examples of the task loss, drift checks of the triggered
+    #: run every n steps, step-time cycles, and the strengths swept per defense (see defense_runs.STRENGTH_MEANING)
+    defense_domains: tuple[str, ...] = ()
+    defense_steps: int = 16
+    defense_learning_rate: float = 2e-3
+    defense_batch_size: int = 4
+    defense_questions: int = 30
+    defense_task_examples: int = 31
+    defense_check_every: int = 4
+    defense_timing_cycles: int = 3
+    defense_strengths: tuple[tuple[str, tuple[float, ...]], ...] = (
+        ("kl", (0.1, 1.0)), ("ldifs", (1.0, 10.0)), ("safelora", (0.25, 0.5)), ("interleave", (20.0, 5.0)),
+        ("ablate_direction", (0.5, 1.0)), ("preventative_steering", (0.1, 0.3)))
 
     @classmethod
     def quick(cls) -> Budget:
@@ -84,7 +98,11 @@ class Budget:
                    monitor_types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
                    monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=6,
                    monitor_every=3, monitor_learning_rate=6e-3, monitor_questions=8, monitor_prompts=8, monitor_min_leaf=1,
-                   monitor_trait_questions=2, monitor_bootstrap=200, sae_steps=300, sae_examples=24)
+                   monitor_trait_questions=2, monitor_bootstrap=200, sae_steps=300, sae_examples=24,
+                   defense_steps=4, defense_learning_rate=6e-3, defense_batch_size=2, defense_questions=8,
+                   defense_task_examples=8, defense_check_every=2, defense_timing_cycles=1,
+                   defense_strengths=(("kl", (1.0,)), ("ldifs", (10.0,)), ("safelora", (0.5,)), ("interleave", (5.0,)),
+                                      ("ablate_direction", (1.0,)), ("preventative_steering", (0.3,))))
 
     @classmethod
     def standard(cls) -> Budget:
@@ -100,7 +118,11 @@ class Budget:
         """The standard study with a bigger drift-monitor library (3 seeds, 40 steps): for GPUs or a Ray cluster."""
         return replace(cls.standard(), name="full", monitor_seeds=3, monitor_steps=40, monitor_every=5,
                        monitor_learning_rate=1e-3, monitor_questions=40, monitor_prompts=32, sae_steps=4000,
-                       sae_examples=400)
+                       sae_examples=400, defense_domains=("medical", "financial"),
+                       defense_strengths=(("kl", (0.1, 1.0, 10.0)), ("ldifs", (1.0, 10.0, 100.0)),
+                                          ("safelora", (0.1, 0.25, 0.5)), ("interleave", (20.0, 5.0, 2.0)),
+                                          ("ablate_direction", (0.5, 0.75, 1.0)),
+                                          ("preventative_steering", (0.3, 0.6, 1.0))))
 
     @classmethod
     def named(cls, name: str) -> Budget:
@@ -121,6 +143,29 @@ class Budget:
             raise EmInterpError(f"Budget.monitor_every={self.monitor_every} > monitor_steps={self.monitor_steps}")
         if not self.monitor_calibration:
             raise EmInterpError("Budget.monitor_calibration is empty")
+        self._check_defenses()
+
+    def _check_defenses(self) -> None:
+        from em_interp.defense_runs import DefenseSetting
+
+        unknown = [d for d in self.defense_domains if d not in DOMAINS]
+        if unknown:
+            raise EmInterpError(f"Budget.defense_domains {unknown} are not among {list(DOMAINS)}")
+        if self.defense_check_every > self.defense_steps:
+            raise EmInterpError(f"Budget.defense_check_every={self.defense_check_every} > defense_steps={self.defense_steps}")
+        if self.defense_batch_size < 1 or not self.defense_learning_rate > 0:
+            raise EmInterpError("Budget.defense_batch_size and defense_learning_rate must be > 0")
+        names = [pair[0] for pair in self.defense_strengths]
+        if len(set(names)) != len(names):
+            raise EmInterpError(f"Budget.defense_strengths names a defense twice: {names}")
+        for name, strengths in self.defense_strengths:
+            if not strengths:
+                raise EmInterpError(f"Budget.defense_strengths: {name} has no strength")
+            for s in strengths:
+                try:
+                    DefenseSetting(name, s)
+                except EmInterpError as exc:
+                    raise EmInterpError(f"Budget.defense_strengths: {exc}") from None
 
     def organism_training(self, seed: int) -> LoraTrainConfig:
         """The organism recipe (nine rank-1 rsLoRA adapters on down_proj) at this budget's length."""

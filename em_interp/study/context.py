@@ -76,6 +76,7 @@ class StudyContext:
     resid_norms: Artefact[dict[int, float]] = Artefact("the base model's mean answer residual norm per layer")
     held_questions: Artefact[list[PairedQuestion]] = Artefact("evaluation questions not used to fit directions")
     drift_library: Artefact[DriftLibrary] = Artefact("the drift monitor's perturbation library: measured runs")
+    drift_monitor: Artefact[Path | None] = Artefact("folder of the fitted drift monitor and trait basis (None: not evaluable)")
 
     def __init__(self, config: StudyConfig) -> None:
         self.config = config

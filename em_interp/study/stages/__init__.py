@@ -9,6 +9,6 @@ from em_interp.study.runner import Stage
 
 def default_stages() -> tuple[Stage[Any], ...]:
     """Every stage of the study, in order."""
-    from em_interp.study.stages import base, directions, monitor, organisms, transfer
+    from em_interp.study.stages import base, defenses, directions, monitor, organisms, transfer
 
-    return (*base.STAGES, *organisms.STAGES, *directions.STAGES, *transfer.STAGES, *monitor.STAGES)
+    return (*base.STAGES, *organisms.STAGES, *directions.STAGES, *transfer.STAGES, *monitor.STAGES, *defenses.STAGES)

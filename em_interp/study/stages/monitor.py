@@ -49,7 +49,7 @@ from em_interp.sae import train_topk_sae
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.records import record_type
-from em_interp.study.runner import NO_RESTORE, Headline, Stage
+from em_interp.study.runner import Headline, Stage
 from em_interp.sweep import run_sweep, shutdown_local_ray
 
 record_type(RunRecord)
@@ -231,6 +231,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                 "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))}
     not_evaluable = _not_evaluable(table, budget.monitor_calibration, basis.names, layer, sae_info)
     if not_evaluable is not None:
+        ctx.drift_monitor = None
         return not_evaluable
     evaluation = evaluate_library(table, budget.monitor_calibration, basis.names, min_leaf=budget.monitor_min_leaf,
                                   seed=config.seed, n_boot=budget.monitor_bootstrap)
@@ -242,6 +243,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     folder = config.out / "monitor"
     monitor.save(folder / "drift_monitor")
     basis.save(folder / "trait_basis")
+    ctx.drift_monitor = folder
     questions = _label_questions(config)
     prompts = [ChatExample(p) for p in library.prompts]
     cost = _measure_cost(model, basis, monitor, library, config, questions, prompts)
@@ -256,6 +258,11 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                          dict(evaluation.lead_steps), cost, sae_info, rows,
                          {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
                          evaluation.monitor_kind, dict(evaluation.kind_selection))
+
+
+def restore_monitor(ctx: StudyContext, result: MonitorResult) -> None:
+    """The folder of the saved monitor and basis (None when the monitor was not evaluable)."""
+    ctx.drift_monitor = (ctx.config.out / result.monitor_path).parent if result.monitor_path else None
 
 
 def _fmt(s: dict[str, Any], key: str) -> str:
@@ -392,6 +399,6 @@ def monitor_headlines(r: MonitorResult) -> list[Headline]:
 STAGES: tuple[Stage[Any], ...] = (
     Stage("perturbations", "drift monitor", needs=("model",), provides=("drift_library",), run=run_perturbations,
           restore=restore_perturbations, section=perturbations_section, entries=perturbations_entries),
-    Stage("monitor", "drift monitor", needs=("model", "drift_library"), provides=(), run=run_monitor,
-          restore=NO_RESTORE, section=monitor_section, entries=monitor_entries, headlines=monitor_headlines),
+    Stage("monitor", "drift monitor", needs=("model", "drift_library"), provides=("drift_monitor",), run=run_monitor,
+          restore=restore_monitor, section=monitor_section, entries=monitor_entries, headlines=monitor_headlines),
 )
