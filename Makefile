@@ -51,7 +51,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check em_interp tests benchmarks tools
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py
