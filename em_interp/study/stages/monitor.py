@@ -48,7 +48,7 @@ from em_interp.report import Section
 from em_interp.sae import train_topk_sae
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
-from em_interp.study.records import record_type
+from em_interp.study.records import StageFileError, record_type
 from em_interp.study.runner import Headline, Stage
 from em_interp.sweep import run_sweep, shutdown_local_ray
 
@@ -261,8 +261,15 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
 
 
 def restore_monitor(ctx: StudyContext, result: MonitorResult) -> None:
-    """The folder of the saved monitor and basis (None when the monitor was not evaluable)."""
-    ctx.drift_monitor = (ctx.config.out / result.monitor_path).parent if result.monitor_path else None
+    """The folder of the saved monitor and basis (None when the monitor was not evaluable); gone files rerun the stage."""
+    if not result.monitor_path:
+        ctx.drift_monitor = None
+        return
+    saved = ctx.config.out / result.monitor_path
+    folder = saved.parent
+    if not saved.with_name(saved.name + ".json").is_file() or not (folder / "trait_basis.json").is_file():
+        raise StageFileError(f"the saved drift monitor in {folder} is gone")
+    ctx.drift_monitor = folder
 
 
 def _fmt(s: dict[str, Any], key: str) -> str:
