@@ -19,7 +19,7 @@ SHELL := /bin/bash
 # pip.conf on these machines names local indexes that may be absent; drop that noise only.
 QUIET := sed "/is ignored: it is neither/d"
 
-.PHONY: install study study-quick figures assets test lint bench canary constraints reference clean
+.PHONY: install study study-quick figures assets test test-unit lint bench gpu-wheels canary constraints reference clean
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) tools/constraints.py check-platform $(CONSTRAINTS)
@@ -53,8 +53,17 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check em_interp tests benchmarks tools
 	$(PY) -m pytest -q -ra --durations=25
 
+# the inner loop: lint + every test on tiny random models (no real model, no notebook, no quick study)
+test-unit: $(STAMP)
+	$(VENV)/bin/ruff check em_interp tests benchmarks tools
+	$(PY) -m pytest -q -ra -m "not integration" --durations=10
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py
+
+# the wheels benchmarks/gpu_check.py needs on a lent GPU machine, into .whl/ (see the script)
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh
 
 canary:
 	rm -rf $(CANARY_VENV)

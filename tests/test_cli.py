@@ -11,6 +11,7 @@ import pytest
 
 from em_interp.cli import main
 from em_interp.reference import compare, load_reference, readable, study_numbers
+from em_interp.study import Budget
 from tests.test_reference_numbers import REFERENCE
 
 pytestmark = pytest.mark.integration
@@ -31,11 +32,11 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert (results["model"]["n_layers"], results["model"]["d_model"]) == (30, 576)
     assert results["model"]["load_seconds"] > 0
     assert results["cache"]["examples"] >= 4 and results["cache"]["tokens_per_second"] > 0
-    base = results["em_score"]["base"]
-    assert base["n"] == 30 and base["ci_low"] <= base["mean"] <= base["ci_high"]
+    base, n_questions = results["em_score"]["base"], 120 // Budget.quick().eval_stride
+    assert base["n"] == n_questions and base["ci_low"] <= base["mean"] <= base["ci_high"]
     assert len(results["base_answers"]) == 8 and all(a["answer"] for a in results["base_answers"])
     for role in ("organism", "control"):
-        assert results["em_score"][role]["n"] == 30
+        assert results["em_score"][role]["n"] == n_questions
     for key in ("organism_vs_control", "organism_vs_base", "control_vs_base"):
         shift = results["em_shift"][key]
         assert shift["ci_low"] <= shift["mean"] <= shift["ci_high"]
