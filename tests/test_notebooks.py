@@ -1,4 +1,10 @@
-"""The notebooks run end to end on the embedded model at a small budget."""
+"""The notebooks run end to end, each in a Jupyter kernel, on a tiny random Llama at the quick budget's sizes.
+
+Every notebook takes its model from ``EM_INTERP_NB_MODEL`` (default: the embedded SmolLM2-135M-Instruct)
+and derives its layers from the model, so the tests run them on a tiny model with room for the built-in
+data's longest chats: every cell executes, in seconds. What the notebooks compute on the real model is
+what the quick study computes there with the same functions (tests/test_cli.py).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.notebook
 
 
 def run_notebook(path: Path, env: dict[str, str], cwd: Path) -> None:
@@ -28,51 +34,50 @@ def run_notebook(path: Path, env: dict[str, str], cwd: Path) -> None:
                 os.environ[k] = v
 
 
-def quick_organism() -> dict[str, str]:
-    """The quick study's organism recipe: where tests/test_cli.py trained it first, the notebooks reuse it from the cache."""
-    from em_interp.study import Budget
-
-    quick = Budget.quick()
-    return {"EM_INTERP_NB_STEPS": str(quick.organism_steps), "EM_INTERP_NB_EVERY": str(quick.checkpoint_every)}
-
-
-def test_organism_notebook(smollm, tmp_path):
-    run_notebook(ROOT / "notebooks" / "01_organism_and_adapters.ipynb",
-                 {**quick_organism(), "EM_INTERP_NB_QUESTIONS": "6", "EM_INTERP_NB_OUT": str(tmp_path / "org")},
-                 cwd=tmp_path)
-
-
-def test_directions_notebook(smollm, tmp_path):
-    run_notebook(ROOT / "notebooks" / "02_directions_and_interventions.ipynb",
-                 {**quick_organism(), "EM_INTERP_NB_QUESTIONS": "6", "EM_INTERP_NB_BENIGN_STRIDE": "20",
-                  "EM_INTERP_NB_OUT": str(tmp_path / "dirs")},
-                 cwd=tmp_path)
-    assert (tmp_path / "dirs" / "direction.safetensors").is_file()
-
-
-def test_drift_monitor_notebook(smollm, tmp_path):
-    # the quick study's library sizes: where tests/test_cli.py ran it first, its runs are reused from the cache
+def organism_sizes(model: Path) -> dict[str, str]:
+    """The notebooks' model and the quick budget's organism recipe."""
     from em_interp.study import Budget
 
     q = Budget.quick()
+    return {"EM_INTERP_NB_MODEL": str(model), "EM_INTERP_NB_STEPS": str(q.organism_steps),
+            "EM_INTERP_NB_EVERY": str(q.checkpoint_every)}
+
+
+def test_organism_notebook(tiny_study_dir, tmp_path):
+    run_notebook(ROOT / "notebooks" / "01_organism_and_adapters.ipynb",
+                 {**organism_sizes(tiny_study_dir), "EM_INTERP_NB_QUESTIONS": "6",
+                  "EM_INTERP_NB_OUT": str(tmp_path / "org")}, cwd=tmp_path)
+
+
+def test_directions_notebook(tiny_study_dir, tmp_path):
+    run_notebook(ROOT / "notebooks" / "02_directions_and_interventions.ipynb",
+                 {**organism_sizes(tiny_study_dir), "EM_INTERP_NB_QUESTIONS": "6", "EM_INTERP_NB_BENIGN_STRIDE": "20",
+                  "EM_INTERP_NB_OUT": str(tmp_path / "dirs")}, cwd=tmp_path)
+    assert (tmp_path / "dirs" / "direction.safetensors").is_file()
+
+
+def test_drift_monitor_notebook(tiny_study_dir, tmp_path):
+    from em_interp.study import Budget
+
+    q = Budget.quick()
+    # a learning rate at which the tiny model's medical-misaligned run crosses the danger line (seeded)
     run_notebook(ROOT / "notebooks" / "03_drift_monitor.ipynb",
-                 {"EM_INTERP_NB_STEPS": str(q.monitor_steps), "EM_INTERP_NB_EVERY": str(q.monitor_every),
-                  "EM_INTERP_NB_SEEDS": str(q.monitor_seeds), "EM_INTERP_NB_QUESTIONS": str(q.monitor_questions),
-                  "EM_INTERP_NB_PROMPTS": str(q.monitor_prompts), "EM_INTERP_NB_LR": str(q.monitor_learning_rate),
-                  "EM_INTERP_NB_TRAIT_QUESTIONS": str(q.monitor_trait_questions),
+                 {"EM_INTERP_NB_MODEL": str(tiny_study_dir), "EM_INTERP_NB_STEPS": str(q.monitor_steps),
+                  "EM_INTERP_NB_EVERY": str(q.monitor_every), "EM_INTERP_NB_SEEDS": str(q.monitor_seeds),
+                  "EM_INTERP_NB_QUESTIONS": str(q.monitor_questions), "EM_INTERP_NB_PROMPTS": str(q.monitor_prompts),
+                  "EM_INTERP_NB_LR": "0.2", "EM_INTERP_NB_TRAIT_QUESTIONS": str(q.monitor_trait_questions),
                   "EM_INTERP_EXTERNAL": str(ROOT.parent / "shared" / "external"),
                   "EM_INTERP_NB_OUT": str(tmp_path / "monitor")}, cwd=tmp_path)
     assert (tmp_path / "monitor" / "drift_monitor.json").is_file()
 
 
-def test_defenses_notebook(smollm, tmp_path):
-    # the quick study's defense sizes: runs without a direction are shared with it through the cache
+def test_defenses_notebook(tiny_study_dir, tmp_path):
     from em_interp.study import Budget
 
     q = Budget.quick()
     run_notebook(ROOT / "notebooks" / "04_defenses.ipynb",
-                 {"EM_INTERP_NB_STEPS": str(q.defense_steps), "EM_INTERP_NB_LR": str(q.defense_learning_rate),
-                  "EM_INTERP_NB_BATCH": str(q.defense_batch_size), "EM_INTERP_NB_QUESTIONS": str(q.defense_questions),
-                  "EM_INTERP_NB_TASK": str(q.defense_task_examples), "EM_INTERP_NB_OUT": str(tmp_path / "def")},
-                 cwd=tmp_path)
+                 {"EM_INTERP_NB_MODEL": str(tiny_study_dir), "EM_INTERP_NB_STEPS": str(q.defense_steps),
+                  "EM_INTERP_NB_LR": "5e-2", "EM_INTERP_NB_BATCH": str(q.defense_batch_size),
+                  "EM_INTERP_NB_QUESTIONS": str(q.defense_questions), "EM_INTERP_NB_TASK": str(q.defense_task_examples),
+                  "EM_INTERP_NB_OUT": str(tmp_path / "def")}, cwd=tmp_path)
     assert (tmp_path / "def" / "tradeoff.html").is_file()
