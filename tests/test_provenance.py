@@ -52,3 +52,36 @@ def test_activation_shards_of_other_versions_are_recomputed(tiny_models, monkeyp
     _bump(monkeypatch, "transformers")
     again = cache_residuals(model, EXAMPLES, layers=[1], out_dir=out, progress=False)
     assert shard.stat().st_mtime_ns != stamp and again.meta.computed_by["transformers"] == "999.0"
+
+
+MODULE = '''"""A module."""
+import numpy as np
+from em_interp.evaluation import answer_logprobs  # scoring
+
+
+def score(x):
+    """Twice x."""
+    return 2 * np.asarray(x)
+'''
+
+
+def test_docstrings_comments_layout_and_moves_keep_the_code_key_and_behaviour_changes_do_not():
+    same = prov.normalised_source(MODULE)
+    edited = (MODULE.replace('"""Twice x."""', '"""Two times x, reworded."""').replace("# scoring", "# moved")
+              .replace("return 2 * np.asarray(x)", "return (2 *\n            np.asarray(x))  # same"))
+    moved = MODULE.replace("from em_interp.evaluation import", "from em_interp.measures.evaluation import")
+    assert prov.normalised_source(edited) == same and prov.normalised_source(moved) == same
+    assert prov.normalised_source(MODULE.replace('"""A module."""\n', "")) == same
+    for change in (MODULE.replace("2 *", "3 *"), MODULE.replace("answer_logprobs", "answer_logprobs as lp"),
+                   MODULE.replace("import numpy as np", "import numpy as np\nEPS = 1e-6"),
+                   MODULE.replace("em_interp.evaluation import answer_logprobs", "em_interp.evaluation import em_score"),
+                   MODULE.replace("    return", "    x = x[::-1]\n    return")):
+        assert prov.normalised_source(change) != same, change
+
+
+def test_code_hash_ignores_module_paths_and_follows_the_code(tmp_path, monkeypatch):
+    for folder, body in (("a", MODULE), ("b", MODULE.replace("# scoring", "")), ("c", MODULE.replace("2 *", "3 *"))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"mod_{folder}.py").write_text(body)
+        monkeypatch.syspath_prepend(str(tmp_path / folder))
+    assert prov.code_hash("mod_a") == prov.code_hash("mod_b") != prov.code_hash("mod_c")
