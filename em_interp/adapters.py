@@ -1,15 +1,24 @@
-"""Save and load LoRA adapters of a hooked model in the standard peft format.
+"""LoRA adapters: saving and loading them in the standard peft format, reading adapter folders, and
+their weight updates.
 
 Booting the hook bridge renames the wrapped modules, so peft's own ``save_pretrained`` on a booted
 model would write non-standard tensor names. These helpers write and read the names every peft
 tool expects (``base_model.model.model.layers.N.mlp.down_proj.lora_A.weight`` ...).
+
+This is the one module that computes an adapter's weight update ``scale * B @ A`` (peft's
+``get_delta_weight``, with ``scale = alpha / r``, or ``alpha / sqrt(r)`` under rsLoRA) and reads
+adapter tensor files: SafeLoRA, the drift monitor's LoRA norm and the study all call it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,13 +83,8 @@ def save_adapter(model: HookedModel, path: str | Path) -> Path:
 
 def load_adapter_weights(model: HookedModel, path: str | Path) -> None:
     """Copy the weights of a saved adapter into the model's (identically shaped) LoRA parameters."""
+    saved = adapter_tensors(path)
     path = Path(path) / WEIGHTS
-    if not path.is_file():
-        raise EmInterpError(f"{path} does not exist")
-    try:
-        saved = load_file(str(path))
-    except Exception as exc:  # safetensors raises several kinds on a damaged file
-        raise EmInterpError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     params = lora_parameters(model)
     if set(saved) != set(params):
         raise EmInterpError(f"{path}: tensors {sorted(set(saved) ^ set(params))[:4]} do not match the model's adapters")
@@ -89,3 +93,77 @@ def load_adapter_weights(model: HookedModel, path: str | Path) -> None:
             if params[key].shape != value.shape:
                 raise EmInterpError(f"{path}: {key} has shape {list(value.shape)}, expected {list(params[key].shape)}")
             params[key].copy_(value)
+
+
+# ------------------------------------------------------------------- adapter files and weight updates
+def lora_scale(config: Mapping[str, Any]) -> float:
+    """peft's LoRA scaling from an adapter config: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``)."""
+    r, alpha = float(config["r"]), float(config["lora_alpha"])
+    if not r > 0 or not math.isfinite(alpha):
+        raise EmInterpError(f"adapter config has r={config['r']!r}, lora_alpha={config['lora_alpha']!r}")
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def module_of(key: str) -> str:
+    """``base_model.model.model.layers.9.mlp.down_proj`` from a LoRA tensor name."""
+    for part in (".lora_A.weight", ".lora_B.weight"):
+        if key.endswith(part):
+            return key[: -len(part)]
+    raise EmInterpError(f"{key!r} is not a LoRA tensor name")
+
+
+def read_adapter(folder: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict[str, Any]]:
+    """A peft adapter folder as ``{module: (A, B)}``, its scale and its config (clear errors on a bad folder)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "adapter_config.json", folder / WEIGHTS
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise EmInterpError(f"{p} does not exist (not a peft adapter folder)")
+    try:
+        config = json.loads(config_path.read_text())
+        scale = lora_scale(config)
+    except Exception as exc:  # JSON or missing keys
+        raise EmInterpError(f"{config_path} is not a readable peft adapter config ({type(exc).__name__}: {exc})") from None
+    tensors = adapter_tensors(folder)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            module = module_of(key)
+            b_key = f"{module}.lora_B.weight"
+            if b_key not in tensors:
+                raise EmInterpError(f"{weights_path}: {key} has no lora_B partner")
+            pairs[module] = (tensors[key].float(), tensors[b_key].float())
+    if not pairs:
+        raise EmInterpError(f"{weights_path} holds no LoRA tensors")
+    return pairs, scale, config
+
+
+def adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a peft adapter folder's weight file, as stored (an error naming the file if damaged)."""
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise EmInterpError(f"{path} does not exist (not a peft adapter folder)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several kinds on a damaged file
+        raise EmInterpError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def adapter_updates(folder: str | Path) -> dict[str, torch.Tensor]:
+    """``{module: scale * B @ A}``: the weight update of each module of a peft adapter folder."""
+    pairs, scale, _ = read_adapter(folder)
+    return {m: scale * (b @ a) for m, (a, b) in pairs.items()}
+
+
+def model_updates(model: HookedModel) -> dict[str, torch.Tensor]:
+    """``{module: scale * B @ A}`` of a model's LoRA adapters in memory (the same keys as :func:`adapter_updates`)."""
+    params = lora_parameters(model)
+    config = model.peft_model.peft_config["default"]
+    scale = lora_scale({"r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora})
+    return {module_of(k): scale * (params[k.replace(".lora_A.", ".lora_B.")].detach().float() @ a.detach().float())
+            for k, a in params.items() if k.endswith(".lora_A.weight")}
+
+
+def update_norm(model: HookedModel) -> float:
+    """``sqrt(sum over modules ||scale * B @ A||_F^2)``: the size of a model's LoRA weight update."""
+    return math.sqrt(sum(float(u.pow(2).sum()) for u in model_updates(model).values()))

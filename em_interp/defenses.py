@@ -30,7 +30,6 @@ mid-run (:meth:`Defense.enable`), which is how a drift-monitor alarm turns one o
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -41,9 +40,16 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from em_interp.adapters import WEIGHTS, lora_parameters
+from em_interp.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
+    WEIGHTS,
+    adapter_tensors,
+    adapter_updates,
+    lora_parameters,
+    model_updates,
+    read_adapter,
+)
 from em_interp.chat import ChatExample
 from em_interp.data import benign_items, general_questions, load_chat_jsonl
 from em_interp.directions import Direction
@@ -413,60 +419,6 @@ def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: 
 
 
 # ---------------------------------------------------------------- SafeLoRA
-def _module_of(key: str) -> str:
-    """``base_model.model.model.layers.9.mlp.down_proj`` from a LoRA tensor name."""
-    for part in (".lora_A.weight", ".lora_B.weight"):
-        if key.endswith(part):
-            return key[: -len(part)]
-    raise EmInterpError(f"{key!r} is not a LoRA tensor name")
-
-
-def _scale(config: Mapping[str, Any]) -> float:
-    r, alpha = float(config["r"]), float(config["lora_alpha"])
-    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-
-
-def read_adapter(folder: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict[str, Any]]:
-    """A peft adapter folder as ``{module: (A, B)}``, its scale and its config (clear errors on a bad folder)."""
-    folder = Path(folder)
-    config_path, weights_path = folder / "adapter_config.json", folder / WEIGHTS
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise EmInterpError(f"{p} does not exist (not a peft adapter folder)")
-    try:
-        config = json.loads(config_path.read_text())
-        tensors = load_file(str(weights_path))
-        scale = _scale(config)
-    except Exception as exc:  # JSON, safetensors or missing keys
-        raise EmInterpError(f"{folder} is not a readable peft adapter ({type(exc).__name__}: {exc})") from None
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in tensors:
-        if key.endswith(".lora_A.weight"):
-            module = _module_of(key)
-            b_key = f"{module}.lora_B.weight"
-            if b_key not in tensors:
-                raise EmInterpError(f"{weights_path}: {key} has no lora_B partner")
-            pairs[module] = (tensors[key].float(), tensors[b_key].float())
-    if not pairs:
-        raise EmInterpError(f"{weights_path} holds no LoRA tensors")
-    return pairs, scale, config
-
-
-def adapter_updates(folder: str | Path) -> dict[str, torch.Tensor]:
-    """``{module: scale * B @ A}``: the weight update of each module of a peft adapter."""
-    pairs, scale, _ = read_adapter(folder)
-    return {m: scale * (b @ a) for m, (a, b) in pairs.items()}
-
-
-def model_updates(model: HookedModel) -> dict[str, torch.Tensor]:
-    """``{module: scale * B @ A}`` of a model's LoRA adapters in memory (the same keys as :func:`adapter_updates`)."""
-    params = lora_parameters(model)
-    config = model.peft_model.peft_config["default"]
-    scale = _scale({"r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora})
-    return {_module_of(k): scale * (params[k.replace(".lora_A.", ".lora_B.")].detach().float() @ a.detach().float())
-            for k, a in params.items() if k.endswith(".lora_A.weight")}
-
-
 def alignment_matrices(aligned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SafeLoRA's ``V = W_aligned - W_base`` per module, from two weight dicts (same modules, same shapes)."""
     if set(aligned) != set(base):
@@ -513,6 +465,10 @@ def safelora(adapter: str | Path, alignment: Mapping[str, torch.Tensor], out_dir
             raise EmInterpError(f"safelora(threshold={threshold}) must be a cosine in [-1, 1]")
     if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
         raise EmInterpError(f"safelora(top_k={top_k!r}) must be an integer >= 1")
+    out = Path(out_dir)
+    if out.is_dir() and {p.name for p in out.iterdir()} - {WEIGHTS, "adapter_config.json"}:
+        raise EmInterpError(f"safelora(out_dir={out}) holds other files than an adapter's: choose an empty or new folder "
+                            "(it is replaced as a whole)")
     pairs, _, _ = read_adapter(adapter)  # the cosine is scale-free; the scale stays in the copied config
     if set(alignment) != set(pairs):
         raise EmInterpError(f"alignment covers modules {sorted(set(alignment) ^ set(pairs))[:4]} that the adapter "
@@ -540,11 +496,10 @@ def safelora(adapter: str | Path, alignment: Mapping[str, torch.Tensor], out_dir
     else:
         chosen = [m for m in cosine if cosine[m] <= threshold]
     folder = Path(adapter)
-    tensors = {k: v.clone() for k, v in load_file(str(folder / WEIGHTS)).items()}
+    tensors = {k: v.clone() for k, v in adapter_tensors(folder).items()}
     for module in chosen:
         key = f"{module}.lora_B.weight"
         tensors[key] = projected_b[module].to(tensors[key].dtype).contiguous()
-    out = Path(out_dir)
     with atomic_directory(out, overwrite=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         shutil.copy2(folder / "adapter_config.json", tmp / "adapter_config.json")

@@ -8,7 +8,6 @@ aligned answers averaged over answer tokens, or fine-tuned vs base at the last p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save
 from torch import Tensor
 
+from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, sidecar_field
 from em_interp.errors import EmInterpError
-from em_interp.io import atomic_write_bytes, atomic_write_json
-from em_interp.version import __version__
 
 Vector = Float[Tensor, " d_model"]
 Acts = Float[Tensor, "n d_model"]
@@ -64,48 +61,30 @@ class Direction:
             raise EmInterpError(f"direction was made on model {self.model!r}, not {model.name!r}")
 
     def save(self, path: str | Path) -> Path:
-        """Write ``<path>.safetensors`` and ``<path>.json`` (atomically); return ``path``.
+        """Write ``<path>.safetensors`` and ``<path>.json`` (atomically; see :mod:`em_interp.artifacts`).
 
         The suffixes are appended to the whole name, so ``d/em.l10`` and ``d/em.l20`` are two
         directions (``d/em.l10.safetensors`` ...); a ``path`` ending in ``.safetensors`` or ``.json``
-        names the same pair.
+        names the same pair. Returns ``path`` without suffix.
         """
-        path = Path(path)
-        tensor_path, meta_path = _direction_files(path)
-        atomic_write_bytes(tensor_path, save({"vector": self.vector.contiguous()}))
-        atomic_write_json(meta_path, {
+        return save_artifact(path, "direction", {"vector": self.vector}, {
             "layer": self.layer, "hook": self.hook, "model": self.model, "method": self.method,
-            "info": self.info, "d_model": self.vector.numel(), "package_version": __version__,
-        })
-        return path
+            "info": self.info, "d_model": self.vector.numel()})
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
         """Read a direction written by :meth:`save`."""
-        tensor_path, meta_path = _direction_files(Path(path))
-        for p in (meta_path, tensor_path):
-            if not p.is_file():
-                raise EmInterpError(f"direction file {p} does not exist")
-        try:
-            meta = json.loads(meta_path.read_text())
-            layer = int(meta["layer"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise EmInterpError(f"{meta_path} is not a direction sidecar ({type(exc).__name__}: {exc})") from None
-        try:
-            vector = load_file(str(tensor_path))["vector"]
-        except Exception as exc:  # safetensors raises several kinds on a damaged file
-            raise EmInterpError(f"cannot read direction tensor {tensor_path}: {type(exc).__name__}: {exc}") from None
-        if "d_model" in meta and vector.numel() != meta["d_model"]:
-            raise EmInterpError(f"{tensor_path} holds {vector.numel()} values, but {meta_path} says d_model {meta['d_model']}")
-        return cls(vector, layer, meta.get("hook", "resid_post"), meta.get("model", ""),
-                   meta.get("method", ""), meta.get("info", {}))
-
-
-def _direction_files(path: Path) -> tuple[Path, Path]:
-    """(tensor file, sidecar) of a direction saved at ``path`` (suffixes appended, never replaced)."""
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+        arrays, meta = load_artifact(path, "direction", required=("layer", "d_model"), tensors=("vector",))
+        source = artifact_paths(path)[1]
+        vector = arrays["vector"]
+        if vector.numel() != sidecar_field(meta, "d_model", int, source):
+            raise EmInterpError(f"{artifact_paths(path)[0]} holds {vector.numel()} values, but {source} says "
+                                f"d_model {meta['d_model']}")
+        info = meta.get("info", {})
+        if not isinstance(info, dict):
+            raise EmInterpError(f"{source}: field 'info' is not an object")
+        return cls(vector, sidecar_field(meta, "layer", int, source), str(meta.get("hook", "resid_post")),
+                   str(meta.get("model", "")), str(meta.get("method", "")), info)
 
 
 def _check_acts(name: str, acts: Tensor) -> Tensor:
@@ -123,6 +102,27 @@ def diff_of_means(positive: Acts, negative: Acts) -> Vector:
     if positive.shape[1] != negative.shape[1]:
         raise EmInterpError(f"positive and negative widths differ: {positive.shape[1]} vs {negative.shape[1]}")
     return positive.mean(0) - negative.mean(0)
+
+
+def answer_contrast_direction(model: Any, questions: Sequence[Any], layer: int, batch_size: int = 16) -> Vector:
+    """The misalignment direction of ``model`` from its own reading of the reference answers.
+
+    Difference of means, at ``layer`` (``resid_post``, answer-token mean), of every misaligned minus
+    every aligned reference answer to ``questions`` (:class:`~em_interp.data.PairedQuestion`, asked
+    with their system prompts): the one recipe the monitor stage, the defenses and the notebooks share.
+    ``model`` is a :class:`~em_interp.model.HookedModel`; unnormalised.
+    """
+    from em_interp.activations import cache_residuals
+    from em_interp.chat import ChatExample
+
+    if not questions:
+        raise EmInterpError("questions is empty: no answers to contrast")
+    acts = {}
+    for side in ("misaligned", "aligned"):
+        examples = [ChatExample(q.question, a, q.system) for q in questions for a in getattr(q, side)]
+        acts[side] = cache_residuals(model, examples, layers=[layer], reduction="answer_mean", batch_size=batch_size,
+                                     progress=False)[layer]
+    return diff_of_means(acts["misaligned"], acts["aligned"])
 
 
 def pca_direction(positive: Acts, negative: Acts, paired: bool = True) -> Vector:

@@ -15,7 +15,6 @@ Defaults follow the public code of seed 000 (differences are stated):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -24,15 +23,14 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save
 from torch import Tensor
 
 from em_interp.activations import cache_residuals
 from em_interp.adapters import WEIGHTS, load_adapter_weights
+from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, sidecar_field
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, general_questions
 from em_interp.errors import EmInterpError
-from em_interp.io import atomic_write_bytes, atomic_write_json
 from em_interp.loading import _same_model, read_adapter_config
 from em_interp.model import HookedModel
 from em_interp.traits import TraitSpec, load_eval_prompts, trait_vectors
@@ -84,8 +82,12 @@ class TraitBasis:
     def __post_init__(self) -> None:
         if len(self.names) < 2:
             raise EmInterpError(f"a trait basis needs at least 2 traits, got {list(self.names)}")
-        if self.directions.shape[0] != len(self.names):
-            raise EmInterpError(f"{self.directions.shape[0]} directions for {len(self.names)} trait names")
+        if len(set(self.names)) != len(self.names):
+            raise EmInterpError(f"trait names repeat: {list(self.names)}")
+        if self.directions.ndim != 2 or self.directions.shape[0] != len(self.names):
+            raise EmInterpError(f"directions of shape {tuple(self.directions.shape)} for {len(self.names)} trait names")
+        if not torch.isfinite(self.directions).all():
+            raise EmInterpError("trait basis directions have NaN or infinite entries")
 
     def check_fits(self, model: HookedModel) -> None:
         """Raise unless ``model`` is the model, width and layer range this basis was made for."""
@@ -100,24 +102,24 @@ class TraitBasis:
         return acts.float() @ self.directions.T
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``<path>.safetensors`` and ``<path>.json`` atomically."""
-        path = Path(path)
-        atomic_write_bytes(path.with_name(path.name + ".safetensors"), save({"directions": self.directions.contiguous()}))
-        atomic_write_json(path.with_name(path.name + ".json"),
-                          {"model": self.model, "layer": self.layer, "hook": self.hook, "names": list(self.names)})
-        return path
+        """Write ``<path>.safetensors`` and ``<path>.json`` atomically (see :mod:`em_interp.artifacts`)."""
+        return save_artifact(path, "trait_basis", {"directions": self.directions},
+                             {"model": self.model, "layer": self.layer, "hook": self.hook, "names": list(self.names)})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TraitBasis:
         """Read a basis written by :meth:`save`."""
-        path = Path(path)
-        meta_path, tensor_path = path.with_name(path.name + ".json"), path.with_name(path.name + ".safetensors")
+        arrays, meta = load_artifact(path, "trait_basis", required=("model", "layer", "hook", "names"),
+                                     tensors=("directions",))
+        source = artifact_paths(path)[1]
+        names = meta["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise EmInterpError(f"{source}: field 'names' is not a list of trait names")
         try:
-            meta = json.loads(meta_path.read_text())
-            directions = load_file(str(tensor_path))["directions"].clone()
-            return cls(str(meta["model"]), int(meta["layer"]), str(meta["hook"]), tuple(meta["names"]), directions)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise EmInterpError(f"{path}: not a trait basis ({type(exc).__name__}: {exc})") from None
+            return cls(sidecar_field(meta, "model", str, source), sidecar_field(meta, "layer", int, source),
+                       sidecar_field(meta, "hook", str, source), tuple(names), arrays["directions"].clone())
+        except EmInterpError as exc:
+            raise EmInterpError(f"{source}: {exc}") from None
 
 
 def trait_basis(model: HookedModel, questions: Sequence[str], layer: int | None = None,

@@ -18,7 +18,6 @@ the fitted one did.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -29,14 +28,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
 
+from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, sidecar_field
 from em_interp.chat import ChatExample
 from em_interp.detection import calibrate_threshold
 from em_interp.drift import DriftTrajectory, Snapshot, TraitBasis, snapshot
 from em_interp.errors import EmInterpError
 from em_interp.hf_trainer import TrainingCallback
-from em_interp.io import atomic_write_bytes, atomic_write_json
 from em_interp.model import HookedModel
 from em_interp.options import check_option
 
@@ -66,6 +64,11 @@ class DriftMonitor:
 
     def __post_init__(self) -> None:
         check_option("kind", self.kind, MONITOR_KINDS)
+
+    @property
+    def score_name(self) -> str:
+        """What :meth:`score` returns, in words: the forest's predicted EM measure, the logistic kind's log-odds."""
+        return "predicted EM" if self.kind == "forest" else "log-odds of dangerous"
 
     @property
     def fitted(self) -> bool:
@@ -153,45 +156,87 @@ class DriftMonitor:
         return self.score(drift) > self.threshold
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``<path>.json`` (identity, settings, threshold) and ``<path>.safetensors`` (the trees)."""
+        """Write ``<path>.json`` (identity, settings, threshold) and ``<path>.safetensors`` (the trees or the
+        logistic arrays), atomically (see :mod:`em_interp.artifacts`)."""
         if not self.fitted:
             raise EmInterpError("cannot save an unfitted monitor")
-        path = Path(path)
         arrays = {f"{i}.{k}": torch.from_numpy(np.ascontiguousarray(v)) for i, t in enumerate(self.trees) for k, v in t.items()}
         arrays.update({f"linear.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.linear.items()})
-        atomic_write_bytes(path.with_name(path.name + ".safetensors"), save(arrays))
-        atomic_write_json(path.with_name(path.name + ".json"), {
-            "format": "em_interp.drift_monitor/1", "model": self.model, "layer": self.layer, "names": list(self.names),
-            "n_estimators": self.n_estimators, "max_depth": self.max_depth, "min_samples_leaf": self.min_samples_leaf,
-            "seed": self.seed, "threshold": self.threshold, "n_trees": len(self.trees), "kind": self.kind})
-        return path
+        return save_artifact(path, "drift_monitor", arrays, {
+            "model": self.model, "layer": self.layer, "names": list(self.names), "n_estimators": self.n_estimators,
+            "max_depth": self.max_depth, "min_samples_leaf": self.min_samples_leaf, "seed": self.seed,
+            "threshold": self.threshold, "n_trees": len(self.trees), "kind": self.kind})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: str | None = None, layer: int | None = None) -> DriftMonitor:
-        """Read a monitor written by :meth:`save`; with ``model``/``layer``, refuse one made for another."""
-        path = Path(path)
-        meta_path, arrays_path = path.with_name(path.name + ".json"), path.with_name(path.name + ".safetensors")
-        try:
-            meta = json.loads(meta_path.read_text())
-            fmt = meta.get("format") if isinstance(meta, dict) else None
-            arrays = {k: v.clone().numpy() for k, v in load_file(str(arrays_path)).items()} if fmt else {}
-            trees = [{k: arrays[f"{i}.{k}"] for k in ("left", "right", "feature", "threshold", "value")}
-                     for i in range(int(meta["n_trees"]))] if fmt else []
-            linear = {k.removeprefix("linear."): v for k, v in arrays.items() if k.startswith("linear.")}
-            kind = meta.get("kind", "forest") if fmt else None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise EmInterpError(f"{path}: cannot read a drift monitor ({type(exc).__name__}: {exc})") from None
-        if fmt != "em_interp.drift_monitor/1":
-            raise EmInterpError(f"{path}: cannot read a drift monitor ({meta_path} is not a drift monitor file)")
-        if kind not in MONITOR_KINDS or (kind == "logistic") != bool(linear):
-            raise EmInterpError(f"{path}: cannot read a drift monitor (kind {kind!r} does not match the stored arrays)")
-        if model is not None and meta["model"] != model:
-            raise EmInterpError(f"{meta_path}: the monitor was fitted on model {meta['model']!r}, not {model!r}")
-        if layer is not None and int(meta["layer"]) != layer:
-            raise EmInterpError(f"{meta_path}: the monitor reads layer {meta['layer']}, not {layer}")
-        return cls(meta["model"], int(meta["layer"]), tuple(meta["names"]), int(meta["n_estimators"]),
-                   int(meta["max_depth"]), int(meta["min_samples_leaf"]), int(meta["seed"]), meta["threshold"], trees,
-                   kind, linear)
+        """Read a monitor written by :meth:`save`; with ``model``/``layer``, refuse one made for another.
+
+        The sidecar is checked against the arrays it describes (tree count, trait count, kind, a finite
+        threshold), so an edited or damaged file is an error naming it, never a monitor that scores
+        with part of its trees or can never alarm.
+        """
+        fields = ("model", "layer", "names", "n_estimators", "max_depth", "min_samples_leaf", "seed", "threshold",
+                  "n_trees", "kind")
+        tensors, meta = load_artifact(path, "drift_monitor", required=fields)
+        source = artifact_paths(path)[1]
+        arrays = {k: v.clone().numpy() for k, v in tensors.items()}
+        names = meta["names"]
+        if not isinstance(names, list) or len(names) < 1 or len(set(names)) != len(names) \
+                or not all(isinstance(n, str) for n in names):
+            raise EmInterpError(f"{source}: field 'names' must be a list of distinct trait names")
+        kind = meta["kind"]
+        if kind not in MONITOR_KINDS:
+            raise EmInterpError(f"{source}: field 'kind' = {kind!r} is not one of {list(MONITOR_KINDS)}")
+        threshold = None if meta["threshold"] is None else sidecar_field(meta, "threshold", float, source)
+        n_estimators, n_trees = (sidecar_field(meta, k, int, source) for k in ("n_estimators", "n_trees"))
+        trees = _read_trees(arrays, n_trees, len(names), source) if kind == "forest" else []
+        linear = {k.removeprefix("linear."): v for k, v in arrays.items() if k.startswith("linear.")}
+        if kind == "forest" and (n_trees != n_estimators or linear):
+            raise EmInterpError(f"{source}: a forest of n_estimators={n_estimators} holds {n_trees} trees"
+                                + (" and logistic arrays" if linear else ""))
+        if kind == "logistic":
+            _check_linear(linear, len(names), n_trees, source)
+        monitor_model = sidecar_field(meta, "model", str, source)
+        monitor_layer = sidecar_field(meta, "layer", int, source)
+        if model is not None and monitor_model != model:
+            raise EmInterpError(f"{source}: the monitor was fitted on model {monitor_model!r}, not {model!r}")
+        if layer is not None and monitor_layer != layer:
+            raise EmInterpError(f"{source}: the monitor reads layer {monitor_layer}, not {layer}")
+        return cls(monitor_model, monitor_layer, tuple(names), n_estimators, sidecar_field(meta, "max_depth", int, source),
+                   sidecar_field(meta, "min_samples_leaf", int, source), sidecar_field(meta, "seed", int, source),
+                   threshold, trees, kind, linear)
+
+
+_TREE_ARRAYS = ("left", "right", "feature", "threshold", "value")
+
+
+def _read_trees(arrays: dict[str, np.ndarray], n_trees: int, n_features: int, source: Path) -> list[dict[str, np.ndarray]]:
+    """The forest's trees from the stored arrays, each checked to be a well-formed tree over ``n_features``."""
+    expected = {f"{i}.{k}" for i in range(n_trees) for k in _TREE_ARRAYS}
+    if n_trees < 1 or set(arrays) != expected:
+        raise EmInterpError(f"{source}: n_trees={n_trees} does not match the stored tree arrays "
+                            f"({len({k.split('.')[0] for k in arrays})} trees)")
+    trees = []
+    for i in range(n_trees):
+        tree = {k: arrays[f"{i}.{k}"] for k in _TREE_ARRAYS}
+        n = len(tree["left"])
+        ok = all(v.ndim == 1 and len(v) == n for v in tree.values()) and n >= 1
+        if ok:
+            internal, index = tree["left"] != -1, np.arange(n)
+            # children come after their parent (as scikit-learn stores them): no walk can loop or leave the tree
+            ok = bool(((tree["left"] > index) & (tree["right"] > index) | ~internal).all()
+                      and (tree["left"] < n).all() and (tree["right"] < n).all() and (tree["right"][~internal] == -1).all()
+                      and ((tree["feature"] >= 0) & (tree["feature"] < n_features) | ~internal).all())
+        if not ok:
+            raise EmInterpError(f"{source}: tree {i} is not a well-formed tree over {n_features} traits")
+        trees.append(tree)
+    return trees
+
+
+def _check_linear(linear: dict[str, np.ndarray], n_features: int, n_trees: int, source: Path) -> None:
+    shapes = {"mean": (n_features,), "scale": (n_features,), "coef": (n_features,), "intercept": (1,)}
+    if n_trees != 0 or {k: v.shape for k, v in linear.items()} != shapes or not (linear["scale"] > 0).all():
+        raise EmInterpError(f"{source}: the logistic monitor's arrays do not match its {n_features} traits")
 
 
 def monitor_cost(model: HookedModel, basis: TraitBasis, monitor: DriftMonitor, prompts: Sequence[ChatExample],
@@ -218,7 +263,7 @@ def monitor_cost(model: HookedModel, basis: TraitBasis, monitor: DriftMonitor, p
     score_questions(model, list(questions), use_cache=False)
     behaviour_s = time.perf_counter() - start
     kept = sum(t.numel() * t.element_size() for t in (basis.directions, snap.projections, snap.norms, snap.mean_activation))
-    kept += sum(v.nbytes for tree in monitor.trees for v in tree.values())
+    kept += sum(v.nbytes for tree in monitor.trees for v in tree.values()) + sum(v.nbytes for v in monitor.linear.values())
     return {"monitor_seconds": monitor_s, "behavioural_eval_seconds": behaviour_s, "cost_ratio": monitor_s / behaviour_s,
             "monitor_state_bytes": float(kept), "snapshot_activation_bytes": float(len(prompts) * model.d_model * 4),
             "questions": float(len(questions)), "prompts": float(len(prompts))}
@@ -290,7 +335,7 @@ class MonitorCallback(TrainingCallback):
             if score > self.monitor.threshold:
                 self.alarms.append(step)
                 if self.on_alarm == "warn":
-                    warnings.warn(f"drift monitor alarm at step {step}: predicted EM {score:+.3f} > threshold "
+                    warnings.warn(f"drift monitor alarm at step {step}: {self.monitor.score_name} {score:+.3f} > threshold "
                                   f"{self.monitor.threshold:+.3f}", stacklevel=2)
                 elif self.on_alarm == "stop":
                     self.request_stop()
@@ -298,4 +343,4 @@ class MonitorCallback(TrainingCallback):
                     self.on_alarm(step, drift, score)
         self.history.append((step, drift, score))
         _log.info("drift monitor step %d: drift %s%s", step, np.round(drift, 4).tolist(),
-                  "" if score is None else f", predicted EM {score:+.4f}")
+                  "" if score is None else f", {self.monitor.score_name} {score:+.4f}")

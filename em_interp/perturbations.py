@@ -25,7 +25,6 @@ the organism domain under a second LoRA recipe (rank 16 on the attention project
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from em_interp.adapters import lora_parameters, parse_module_name
+from em_interp.adapters import update_norm
 from em_interp.chat import ChatExample
 from em_interp.data import DOMAINS, PairedQuestion, benign_items, domain_dataset, load_chat_jsonl
 from em_interp.errors import EmInterpError
@@ -273,18 +272,9 @@ def load_record(key: str) -> RunRecord | None:
 
 
 def lora_update_norm(model: HookedModel) -> float:
-    """``sqrt(sum over modules ||scale * B @ A||_F^2)``: the size of the LoRA weight update."""
-    params = lora_parameters(model)
-    config = model.peft_model.peft_config["default"]
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    total = 0.0
-    for key, a in params.items():
-        if ".lora_A." not in key:
-            continue
-        b = params[key.replace(".lora_A.", ".lora_B.")]
-        parse_module_name(key)  # a LoRA name em_interp understands
-        total += float((scale * (b.detach().float() @ a.detach().float())).pow(2).sum())
-    return math.sqrt(total)
+    """``sqrt(sum over modules ||scale * B @ A||_F^2)``: the size of the LoRA weight update
+    (:func:`em_interp.adapters.update_norm`)."""
+    return update_norm(model)
 
 
 def measure_checkpoint(model: HookedModel, setup: LibrarySetup, layer: int) -> tuple[np.ndarray, torch.Tensor, float, float]:

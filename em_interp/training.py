@@ -46,6 +46,7 @@ from em_interp.io import atomic_directory, atomic_write_json, sha256_json
 from em_interp.loading import load_hf, resolve_device, resolve_dtype, resolve_spec
 from em_interp.model import HookedModel, wrap_hf
 from em_interp.provenance import computation_key
+from em_interp.validate import finite_number
 from em_interp.version import __version__
 
 __all__ = ["LoraTrainConfig", "TrainResult", "TrainingCallback", "batch_indices", "build_lora_model",
@@ -88,8 +89,11 @@ class LoraTrainConfig:
         for name in ("rank", "steps", "batch_size", "max_length", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise EmInterpError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.learning_rate <= 0:
-            raise EmInterpError(f"learning_rate={self.learning_rate} must be > 0")
+        self.learning_rate = finite_number("learning_rate", self.learning_rate, minimum=0.0, strictly=True)
+        self.alpha = finite_number("alpha", self.alpha, minimum=0.0, strictly=True)
+        self.weight_decay = finite_number("weight_decay", self.weight_decay, minimum=0.0)
+        if int(self.warmup_steps) < 0:
+            raise EmInterpError(f"warmup_steps={self.warmup_steps} must be >= 0")
         self.target_modules = tuple(self.target_modules)
         self.layers = tuple(self.layers) if self.layers is not None else None
 

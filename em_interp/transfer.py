@@ -13,17 +13,16 @@ shuffled-label direction) so every transfer result can be read against them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save
 from torch import Tensor
 
 from em_interp.activations import cache_residuals
+from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, sidecar_field
 from em_interp.chat import ChatExample
 from em_interp.directions import (
     Direction,
@@ -33,9 +32,7 @@ from em_interp.directions import (
     shuffled_label_directions,
 )
 from em_interp.errors import EmInterpError
-from em_interp.io import atomic_write_bytes, atomic_write_json
 from em_interp.model import HookedModel
-from em_interp.version import __version__
 
 #: Penalties tried, as multiples of the mean squared singular value of the centred donor data.
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -86,27 +83,27 @@ class RidgeMap:
                          {**direction.info, "donor_model": direction.model, "donor_layer": direction.layer})
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path.safetensors`` and ``path.json`` (atomically)."""
-        path = Path(path)
-        atomic_write_bytes(path.with_suffix(".safetensors"), save({
-            "weight": self.weight.contiguous(), "src_mean": self.src_mean.contiguous(), "dst_mean": self.dst_mean.contiguous()}))
-        atomic_write_json(path.with_suffix(".json"), {
-            "alpha": self.alpha, "r2": self.r2, "n_examples": self.n_examples, "src_model": self.src_model,
-            "dst_model": self.dst_model, "src_layer": self.src_layer, "dst_layer": self.dst_layer,
-            "package_version": __version__})
-        return path
+        """Write ``<path>.safetensors`` and ``<path>.json`` (atomically; suffixes appended, see
+        :mod:`em_interp.artifacts`); return ``path`` without suffix."""
+        return save_artifact(path, "ridge_map",
+                             {"weight": self.weight, "src_mean": self.src_mean, "dst_mean": self.dst_mean},
+                             {"alpha": self.alpha, "r2": self.r2, "n_examples": self.n_examples,
+                              "src_model": self.src_model, "dst_model": self.dst_model, "src_layer": self.src_layer,
+                              "dst_layer": self.dst_layer})
 
     @classmethod
     def load(cls, path: str | Path) -> RidgeMap:
         """Read a map written by :meth:`save`."""
-        path = Path(path)
-        for p in (path.with_suffix(".json"), path.with_suffix(".safetensors")):
-            if not p.is_file():
-                raise EmInterpError(f"ridge map file {p} does not exist")
-        meta = json.loads(path.with_suffix(".json").read_text())
-        t = load_file(str(path.with_suffix(".safetensors")))
-        return cls(t["weight"], t["src_mean"], t["dst_mean"], float(meta["alpha"]), float(meta["r2"]),
-                   int(meta["n_examples"]), meta["src_model"], meta["dst_model"], int(meta["src_layer"]), int(meta["dst_layer"]))
+        names = ("alpha", "r2", "n_examples", "src_model", "dst_model", "src_layer", "dst_layer")
+        t, meta = load_artifact(path, "ridge_map", required=names, tensors=("weight", "src_mean", "dst_mean"))
+        source = artifact_paths(path)[1]
+        if t["weight"].ndim != 2 or t["weight"].shape != (t["src_mean"].numel(), t["dst_mean"].numel()):
+            raise EmInterpError(f"{artifact_paths(path)[0]}: weight {tuple(t['weight'].shape)} does not match the means "
+                                f"({t['src_mean'].numel()}, {t['dst_mean'].numel()})")
+        return cls(t["weight"], t["src_mean"], t["dst_mean"], sidecar_field(meta, "alpha", float, source),
+                   sidecar_field(meta, "r2", float, source), sidecar_field(meta, "n_examples", int, source),
+                   sidecar_field(meta, "src_model", str, source), sidecar_field(meta, "dst_model", str, source),
+                   sidecar_field(meta, "src_layer", int, source), sidecar_field(meta, "dst_layer", int, source))
 
 
 def _ridge_solve(x: Tensor, y: Tensor, penalties: Sequence[float]) -> tuple[Tensor, Tensor, list[Tensor]]:

@@ -220,6 +220,17 @@ def test_safelora_projects_the_least_aligned_modules_computing_every_cosine_firs
     top = safelora(folder, v, tmp_path / "top", top_k=2)
     assert top.projected == ["m.layers.1.mlp.down_proj", "m.layers.2.mlp.down_proj"]
     assert top.cosine == result.cosine  # computed on the unmodified adapter
+    assert safelora(folder, v, tmp_path / "top", top_k=1).projected == ["m.layers.2.mlp.down_proj"]  # rewritable
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's own file")
+    with pytest.raises(EmInterpError, match="other files"):
+        safelora(folder, v, tmp_path / "mine", top_k=1)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own file"
+    # the one LoRA module: the in-memory update norm equals the file's updates
+    from em_interp.adapters import lora_scale
+
+    assert lora_scale({"r": 4, "lora_alpha": 8, "use_rslora": True}) == 4.0
+    assert lora_scale({"r": 4, "lora_alpha": 8}) == 2.0
 
 
 def test_safelora_and_alignment_pairs_refuse_mismatched_modules_and_shapes(tmp_path):

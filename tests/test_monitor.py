@@ -58,7 +58,10 @@ def test_bad_input_names_the_argument(tmp_path):
     with pytest.raises(EmInterpError, match="at least one"):
         monitor.calibrate(x, np.zeros(len(x), dtype=bool))
     (tmp_path / "junk.json").write_text("{}")
-    with pytest.raises(EmInterpError, match="cannot read a drift monitor"):
+    with pytest.raises(EmInterpError, match="junk.safetensors does not exist"):
+        DriftMonitor.load(tmp_path / "junk")
+    (tmp_path / "junk.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(EmInterpError, match="junk.json is not an em_interp drift_monitor"):
         DriftMonitor.load(tmp_path / "junk")
 
 

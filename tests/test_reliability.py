@@ -74,7 +74,7 @@ def test_direction_names_keep_dots(tmp_path, tiny_models):
     assert Direction.load(tmp_path / "em.l10").layer == 0 and Direction.load(tmp_path / "em.l20").layer == 2
     assert Direction.load(tmp_path / "em.l20.safetensors").layer == 2
     (tmp_path / "em.l20.json").write_text("{broken")
-    with pytest.raises(EmInterpError, match=r"em.l20.json is not a direction sidecar"):
+    with pytest.raises(EmInterpError, match=r"em.l20.json is not a readable direction sidecar"):
         Direction.load(tmp_path / "em.l20")
 
 

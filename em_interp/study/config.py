@@ -92,15 +92,16 @@ class Budget:
     def quick(cls) -> Budget:
         """The small budget: every section, minutes on a laptop CPU (the test suite's real-model study).
 
-        20 general questions, a 20-step organism, a 4-run monitor library of 4 steps, 4-step defense runs:
-        big enough for every number to be computed on the real model, not for its effect sizes."""
+        20 general questions, a 20-step organism, a 4-run monitor library of 6 steps (at 4 steps no calibration
+        checkpoint turns dangerous: the monitor is not evaluable), 4-step defense runs: big enough for every
+        number to be computed on the real model, not for its effect sizes."""
         return cls("quick", eval_stride=6, domain_stride=2, cache_examples=4, answer_tokens=48, organism_steps=20,
                    checkpoint_every=10, rank1_general_stride=10, rank1_domain_stride=5, intervention_questions=4,
                    benign_stride=10, steering_fractions=(0.0, 0.1, 0.3), trait_questions=2, transfer_prompts=40,
                    transfer_controls=1, transfer_questions=10, transfer_strengths=(1.0,),
                    monitor_types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
-                   monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=4,
-                   monitor_every=2, monitor_learning_rate=6e-3, monitor_questions=8, monitor_prompts=8, monitor_min_leaf=1,
+                   monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=6,
+                   monitor_every=3, monitor_learning_rate=6e-3, monitor_questions=8, monitor_prompts=8, monitor_min_leaf=1,
                    monitor_trait_questions=2, monitor_bootstrap=200, sae_steps=300, sae_examples=24,
                    defense_steps=4, defense_learning_rate=6e-3, defense_batch_size=2, defense_questions=8,
                    defense_task_examples=4, defense_check_every=2, defense_timing_cycles=1,

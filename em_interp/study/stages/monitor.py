@@ -4,7 +4,7 @@
 sweep engine (:mod:`em_interp.sweep`: this process, or Ray with ``--ray``); each run is cached, so
 a killed build resumes at the run it was in. ``monitor`` builds the trait basis at the monitor
 layer, trains the TopK SAE baseline, takes the misalignment direction (difference of means of the
-base model's misaligned minus aligned answers at that layer: :func:`em_interp.directions.diff_of_means`),
+base model's misaligned minus aligned answers at that layer: :func:`em_interp.directions.answer_contrast_direction`),
 evaluates every detector (:mod:`em_interp.monitor_evaluation`), measures the monitor's cost, and
 saves the fitted monitor and basis to ``OUT/monitor/`` for use in other training runs.
 """
@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-import torch
 
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, domain_dataset, general_questions
 from em_interp.detection import DetectionScore
-from em_interp.directions import diff_of_means
+from em_interp.directions import answer_contrast_direction
 from em_interp.drift import TraitBasis, label_questions, monitor_layer, monitor_prompts, trait_basis
 from em_interp.monitor import DriftMonitor, monitor_cost
 from em_interp.monitor_evaluation import (
@@ -163,16 +162,6 @@ def _score_dict(s: DetectionScore) -> dict[str, Any]:
             "n_checkpoints": s.n_checkpoints, "n_runs": s.n_runs}
 
 
-def _misalignment_direction(model: Any, questions: list[PairedQuestion], layer: int) -> torch.Tensor:
-    """Difference of means of the base model's misaligned minus aligned answers (answer-token mean) at ``layer``."""
-    acts = {}
-    for side in ("misaligned", "aligned"):
-        examples = [ChatExample(q.question, a, q.system) for q in questions for a in getattr(q, side)]
-        acts[side] = cache_residuals(model, examples, layers=[layer], reduction="answer_mean", batch_size=16,
-                                     progress=False)[layer]
-    return diff_of_means(acts["misaligned"], acts["aligned"])
-
-
 def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library: DriftLibrary, config: StudyConfig,
                   questions: list[PairedQuestion], prompts: list[ChatExample]) -> dict[str, float]:
     """:func:`em_interp.monitor.monitor_cost` on the base model, plus the library's own per-checkpoint timings."""
@@ -225,7 +214,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                                batch_size=16, progress=False)[layer]
     sae = train_topk_sae(sae_acts, layer, d_sae=budget.sae_latents, k=budget.sae_k, steps=budget.sae_steps,
                          seed=config.seed)
-    direction = _misalignment_direction(model, fit_q[: budget.monitor_trait_questions * 2], layer)
+    direction = answer_contrast_direction(model, fit_q[: budget.monitor_trait_questions * 2], layer)
     table = checkpoint_table(library.records, basis, sae, direction)
     sae_info = {"latents": float(sae.d_sae), "k": float(budget.sae_k), "final_mse": sae.final_mse,
                 "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))}

@@ -1,0 +1,115 @@
+"""One on-disk form for every saved em_interp object: tensors in safetensors plus a JSON sidecar.
+
+An artefact saved at ``PATH`` is two files, ``PATH.safetensors`` (the tensors) and ``PATH.json``
+(the sidecar). The suffixes are *appended* to the whole name, never substituted, so ``maps/em.l10``
+and ``maps/em.l20`` are two artefacts; a ``PATH`` that already ends in ``.safetensors`` or ``.json``
+names the same pair. The sidecar holds the format (``"em_interp.<kind>"``), its version, the package
+version that wrote it and the object's own fields. Both files are written atomically, tensors first,
+so a sidecar never describes missing tensors.
+
+Every read problem (a missing file, unreadable JSON, another kind of artefact, a newer format
+version, a missing field, a damaged tensor file) is an :class:`~em_interp.errors.EmInterpError` that
+names the file. No pickle is involved anywhere. This follows SAELens' single persistence pair (weights
+in safetensors, a config JSON beside them, file names as constants).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from em_interp.errors import EmInterpError
+from em_interp.io import atomic_write_bytes, atomic_write_json
+from em_interp.version import __version__
+
+TENSORS_SUFFIX = ".safetensors"
+SIDECAR_SUFFIX = ".json"
+#: sidecar fields written by :func:`save_artifact` itself (an object's own fields may not use them)
+RESERVED = ("format", "format_version", "package_version")
+
+
+def artifact_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(tensor file, sidecar)`` of the artefact at ``path`` (suffixes appended, never replaced)."""
+    path = Path(path)
+    if path.suffix in (TENSORS_SUFFIX, SIDECAR_SUFFIX):
+        path = path.with_suffix("")
+    return path.with_name(path.name + TENSORS_SUFFIX), path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def save_artifact(path: str | Path, kind: str, tensors: Mapping[str, Tensor], fields: Mapping[str, Any],
+                  version: int = 1) -> Path:
+    """Write the artefact ``kind`` (e.g. ``"direction"``) at ``path``; return ``path`` without suffix.
+
+    Missing parent folders are created. ``tensors`` are stored contiguous on the CPU; ``fields`` must be
+    JSON-serialisable.
+    """
+    clash = [k for k in fields if k in RESERVED]
+    if clash:
+        raise EmInterpError(f"artefact fields {clash} are reserved")
+    tensor_path, sidecar = artifact_paths(path)
+    atomic_write_bytes(tensor_path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    atomic_write_json(sidecar, {"format": f"em_interp.{kind}", "format_version": version,
+                                "package_version": __version__, **fields})
+    return tensor_path.with_suffix("")
+
+
+def load_artifact(path: str | Path, kind: str, required: Sequence[str] = (), tensors: Sequence[str] = (),
+                  version: int = 1) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read the artefact ``kind`` at ``path``: ``(tensors, sidecar fields)``.
+
+    ``required`` names sidecar fields and ``tensors`` tensor names that must be present; anything wrong
+    raises :class:`EmInterpError` naming the file.
+    """
+    tensor_path, sidecar = artifact_paths(path)
+    for p in (sidecar, tensor_path):
+        if not p.is_file():
+            raise EmInterpError(f"{kind} file {p} does not exist")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EmInterpError(f"{sidecar} is not a readable {kind} sidecar: {exc}") from None
+    if not isinstance(meta, dict):
+        raise EmInterpError(f"{sidecar} is not a {kind} sidecar (not a JSON object)")
+    expected = f"em_interp.{kind}"
+    if meta.get("format") != expected:
+        raise EmInterpError(f"{sidecar} is not an em_interp {kind} (format {meta.get('format')!r}, expected {expected!r})")
+    found = meta.get("format_version")
+    if not isinstance(found, int) or found > version:
+        raise EmInterpError(f"{sidecar} has {kind} format version {found!r}; this em_interp reads up to {version} "
+                            "(written by a newer em_interp?)")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise EmInterpError(f"{sidecar} lacks the {kind} field(s) {missing}")
+    try:
+        arrays = load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises several kinds on a damaged or truncated file
+        raise EmInterpError(f"cannot read {kind} tensors {tensor_path}: {type(exc).__name__}: {exc}") from None
+    absent = [k for k in tensors if k not in arrays]
+    if absent:
+        raise EmInterpError(f"{tensor_path} lacks the {kind} tensor(s) {absent}")
+    for name, value in arrays.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise EmInterpError(f"{tensor_path}: tensor {name!r} has NaN or infinite entries")
+    return arrays, {k: v for k, v in meta.items() if k not in RESERVED}
+
+
+def sidecar_field(meta: Mapping[str, Any], name: str, kind: type, source: str | Path) -> Any:
+    """``meta[name]`` as ``kind`` (int, float or str); a wrong type or a non-finite float is an error naming ``source``."""
+    value = meta.get(name)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise EmInterpError(f"{source}: field {name!r} = {value!r} is not a {'finite ' if kind is float else ''}"
+                            f"{kind.__name__}")
+    return kind(value)
