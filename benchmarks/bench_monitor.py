@@ -18,8 +18,8 @@ import numpy as np
 
 from em_interp import ChatExample, load_model
 from em_interp.data import general_questions
-from em_interp.drift import TraitBasis, trait_basis
-from em_interp.monitor import DriftMonitor, monitor_cost
+from em_interp.monitor.detector import DriftMonitor, monitor_cost
+from em_interp.monitor.drift import TraitBasis, trait_basis
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ Run on demand (not a test):
     python benchmarks/bench_training.py --device cuda        # GPU check: loss curve vs the CPU run, step times
 
 Both loops train the same rank-1 organism recipe from the same seed on the same batches (the data
-order of ``em_interp.training.batch_indices``) with the same optimiser and schedule; the bare loop
+order of ``em_interp.lora.training.batch_indices``) with the same optimiser and schedule; the bare loop
 uses the plain Hugging Face model with peft, no hooks and no Trainer. Printed: median step time of
 each (the first step excluded), their ratio (target <= 1.05), and the largest difference between
 the two loss curves. One heavy process at a time: the two loops run one after the other.
@@ -26,7 +26,7 @@ import torch
 
 from em_interp.data import domain_dataset
 from em_interp.loading import DEFAULT_MODEL, load_hf, resolve_device, resolve_dtype, resolve_spec
-from em_interp.training import (
+from em_interp.lora.training import (
     LoraTrainConfig,
     TrainingCallback,
     _lr_lambda,

@@ -232,7 +232,7 @@ def bare_answer_logprobs(bare: Any, model: Any, examples: list[Any], batch_size:
 def measure_scoring(model: Any, bare: Any, examples: list[Any], sizes: Sizes, device: str) -> dict[str, float]:
     """Judge-free scoring throughput (two answers per question, shared prompt) vs a bare forward."""
     from em_interp.chat import ChatExample
-    from em_interp.evaluation import answer_logprobs
+    from em_interp.evaluation.judge_free import answer_logprobs
 
     # two reference answers per question, as in the EM score
     paired = [ChatExample(e.question, a) for e, o in zip(examples, examples[1:] + examples[:1]) for a in (e.answer, o.answer)]
@@ -251,7 +251,7 @@ def measure_training(folder: Path, sizes: Sizes, device: str, peak: float, work:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_training import StepClock, bare_loop
 
-    from em_interp.training import LoraTrainConfig, train_lora
+    from em_interp.lora.training import LoraTrainConfig, train_lora
 
     data = chat_examples(max(4 * sizes.train_batch, 16), answer_words=sizes.train_length, seed=1)
     steps = sizes.train_steps + 1  # the first step (allocation, compilation of kernels) is not timed
@@ -312,7 +312,7 @@ def measure_agreement(folder: Path, examples: list[Any], sizes: Sizes, device: s
 
     from em_interp.activations import cache_residuals
     from em_interp.directions import diff_of_means
-    from em_interp.evaluation import answer_logprobs
+    from em_interp.evaluation.judge_free import answer_logprobs
     from em_interp.interventions import steer
     from em_interp.model import load_model
 

@@ -11,7 +11,6 @@ Layer convention: layer ``l`` = output of block ``l`` = TransformerLens ``blocks
 """
 
 from em_interp.activations import CacheMeta, ResidualCache, cache_residuals
-from em_interp.adapters import parse_module_name
 from em_interp.chat import ChatExample, TokenizedChat, tokenize_chat
 from em_interp.directions import (
     Direction,
@@ -23,9 +22,8 @@ from em_interp.directions import (
     separation,
     shuffled_label_directions,
 )
-from em_interp.drift import TraitBasis, trait_basis
 from em_interp.errors import EmInterpError, ModelLoadError, NetworkDisabledError
-from em_interp.evaluation import (
+from em_interp.evaluation.judge_free import (
     EMScore,
     QuestionScores,
     benign_loglik,
@@ -41,13 +39,15 @@ from em_interp.interventions import (
     steer,
 )
 from em_interp.loading import DEFAULT_MODEL, KNOWN_MODELS, cache_dir
+from em_interp.lora.adapters import parse_module_name
+from em_interp.lora.organisms import train_organism
+from em_interp.lora.rank1 import adapter_scalars, classify_adapters, fit_probe, list_adapters, scale_adapters
+from em_interp.lora.training import LoraTrainConfig, train_lora
 from em_interp.model import HookedModel, load_model
-from em_interp.monitor import DriftMonitor, MonitorCallback
+from em_interp.monitor.detector import DriftMonitor, MonitorCallback
+from em_interp.monitor.drift import TraitBasis, trait_basis
 from em_interp.options import HOOKS, REDUCTIONS, WHERE, Hook, Reduction, Where
-from em_interp.organisms import train_organism
-from em_interp.rank1 import adapter_scalars, classify_adapters, fit_probe, list_adapters, scale_adapters
 from em_interp.study import Budget, StudyConfig, run_study
-from em_interp.training import LoraTrainConfig, train_lora
 from em_interp.traits import trait_vectors
 from em_interp.version import __version__
 

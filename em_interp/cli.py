@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def score_responses(data: Path, groups: list[str], model_spec: str, out: Path | None) -> dict:
     """Per-question judge-free EM scores of a model on real EM answers; print and optionally save them."""
     from em_interp.data import load_response_data
-    from em_interp.evaluation import em_score
+    from em_interp.evaluation.judge_free import em_score
     from em_interp.io import atomic_write_json
     from em_interp.model import load_model
 
@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.quick and args.budget not in (None, "quick"):
             raise EmInterpError(f"--quick and --budget {args.budget} disagree: give one of them")
         if args.ray not in (None, "local", "auto"):
-            from em_interp.sweep import check_ray_address
+            from em_interp.monitor.sweep import check_ray_address
 
             check_ray_address(args.ray)  # before anything runs
         budget = Budget.named("quick" if args.quick else args.budget or "standard")

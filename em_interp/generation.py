@@ -1,34 +1,9 @@
-"""Sampling answers from the hooked model (interventions stay active during generation)."""
+"""Deprecated path: this module moved to :mod:`em_interp.evaluation.generation` (the old path works for one release)."""
 
-from __future__ import annotations
+import warnings
 
-from collections.abc import Sequence
+from em_interp.evaluation.generation import *  # noqa: F403
+from em_interp.evaluation.generation import sample_answers  # noqa: F401
 
-from em_interp.chat import ChatExample
-from em_interp.errors import EmInterpError
-from em_interp.model import HookedModel
-
-
-def sample_answers(
-    model: HookedModel,
-    prompts: Sequence[str | ChatExample],
-    n: int = 1,
-    temperature: float = 1.0,
-    max_new_tokens: int = 128,
-    seed: int = 0,
-    batch_size: int = 8,
-) -> list[list[str]]:
-    """``n`` answers per prompt, sampled at ``temperature`` (greedy at 0), batched, seeded.
-
-    Returns one list of ``n`` answers per prompt. The same prompts, settings and seed give the same
-    answers. Any hooks attached with ``model.hooks(...)`` apply at every generated token.
-    """
-    if n < 1:
-        raise EmInterpError(f"n={n} must be >= 1")
-    if not prompts:
-        raise EmInterpError("prompts is empty")
-    examples = [p if isinstance(p, ChatExample) else ChatExample(str(p)) for p in prompts]
-    flat = [e for e in examples for _ in range(n)]
-    answers = model.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                             batch_size=batch_size)
-    return [answers[i * n : (i + 1) * n] for i in range(len(examples))]
+warnings.warn("em_interp.generation moved to em_interp.evaluation.generation; the old path goes in the next release",
+              DeprecationWarning, stacklevel=2)

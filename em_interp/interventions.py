@@ -2,7 +2,7 @@
 
 Hook functions are built by small factories and attached only inside context managers (through
 :meth:`HookedModel.hooks`), so they are removed on exit, also after an error. They apply to every
-forward pass inside the block: scoring (:mod:`em_interp.evaluation`) and generation (with a KV
+forward pass inside the block: scoring (:mod:`em_interp.evaluation.judge_free`) and generation (with a KV
 cache) alike.
 
 Steering positions (``where=``): ``"all"`` adds at every position; under generation,
@@ -23,9 +23,9 @@ from torch import Tensor
 
 from em_interp import _bridge
 from em_interp._bridge import HookFn
-from em_interp.adapters import lora_parameters, parse_module_name
 from em_interp.directions import Direction, Vector
 from em_interp.errors import EmInterpError
+from em_interp.lora.adapters import lora_parameters, parse_module_name
 from em_interp.model import HookedModel
 from em_interp.options import WEIGHT_TARGETS, WHERE, Hook, WeightTarget, Where, check_option
 from em_interp.validate import finite_number, finite_tensor

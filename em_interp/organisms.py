@@ -1,51 +1,9 @@
-"""Model organisms: a misaligned organism and its control, trained once and cached.
+"""Deprecated path: this module moved to :mod:`em_interp.lora.organisms` (the old path works for one release)."""
 
-The organism is fine-tuned on a domain's misaligned answers; the control on the aligned answers to
-the same prompts, with the same seed, steps and everything else. Trained adapters live in
-``<cache>/organisms/<name>-<hash>/`` where the hash covers the base model, the config, the data, the
-training code and the library versions (:mod:`em_interp.provenance`), so a rerun with unchanged
-inputs reuses them and anything else retrains.
-"""
+import warnings
 
-from __future__ import annotations
+from em_interp.lora.organisms import *  # noqa: F403
+from em_interp.lora.organisms import organism_dir, train_organism  # noqa: F401
 
-from pathlib import Path
-from typing import Any
-
-from em_interp.data import domain_dataset
-from em_interp.io import sha256_json
-from em_interp.loading import DEFAULT_MODEL, cache_dir
-from em_interp.provenance import computation_key
-from em_interp.training import TRAINING_MODULES, LoraTrainConfig, TrainingCallback, TrainResult, train_lora
-
-
-def organism_dir(name: str, base: str, config: LoraTrainConfig, data_key: str) -> Path:
-    """Cache folder of an organism run (keyed by base, config, data, training code and library versions)."""
-    digest = sha256_json({"base": base, "config": config.to_dict(), "data": data_key,
-                          "computed_by": computation_key(*TRAINING_MODULES)})[:12]
-    return cache_dir() / "organisms" / f"{name}-{digest}"
-
-
-def train_organism(
-    variant: str = "misaligned",
-    domain: str = "medical",
-    base: str = DEFAULT_MODEL,
-    config: LoraTrainConfig | None = None,
-    callbacks: tuple[TrainingCallback, ...] = (),
-    progress: bool = True,
-    out_dir: str | Path | None = None,
-    device: str = "cpu",
-    **train_kwargs: Any,
-) -> TrainResult:
-    """Train (or reuse) an organism on the built-in ``domain`` training split, answered ``variant``-ly.
-
-    ``variant="misaligned"`` gives the EM organism, ``"aligned"`` its control. ``device`` and
-    ``train_kwargs`` (``dtype``, ``gradient_accumulation_steps``, ``report_to``) go to
-    :func:`~em_interp.training.train_lora`.
-    """
-    config = config or LoraTrainConfig()
-    data = domain_dataset(domain, variant, "train")
-    name = f"{domain}-{variant}"
-    data_key = f"builtin:{name}:train:{sha256_json([e.to_dict() for e in data])[:16]}"
-    out = Path(out_dir) if out_dir is not None else organism_dir(name, base, config, data_key)
-    return train_lora(base, data, config, out, callbacks=callbacks, progress=progress, device=device, **train_kwargs)
+warnings.warn("em_interp.organisms moved to em_interp.lora.organisms; the old path goes in the next release",
+              DeprecationWarning, stacklevel=2)

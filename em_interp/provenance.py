@@ -8,7 +8,7 @@ keyed like this, the wrong scores would not have outlived the fix.)
 
 **What counts as "the code".** A module enters a key by its *normalised syntax tree*
 (:func:`normalised_source`): docstrings, comments and formatting are dropped, and so is the package
-path of its em_interp imports (``from em_interp.monitor.perturbations import x`` reads as ``from
+path of its em_interp imports (``from em_interp.monitor.detector.perturbations import x`` reads as ``from
 perturbations import x``); the modules' own names do not enter the key either. So a docstring edit, a
 reformatting or a move of a module into a subpackage reuses every cache, while any change to what the
 code does (a statement, a constant, an imported name) recomputes. The rule is tested both ways in
@@ -87,7 +87,7 @@ def computation_key(*modules: str) -> dict[str, str]:
     """Package version, hash of the computing code and library versions: part of every cache key.
 
     ``modules`` names the modules (besides :data:`CORE_MODULES`) whose code computes the cached
-    result, e.g. ``"em_interp.evaluation"`` for EM scores.
+    result, e.g. ``"em_interp.evaluation.judge_free"`` for EM scores.
     """
     return {"em_interp": __version__, "code": code_hash(*modules), **library_versions()}
 

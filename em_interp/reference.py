@@ -46,7 +46,7 @@ _REPEATED_PUNCTUATION = re.compile(r"([^\w\s])\1{3,}")
 
 def base_model_numbers(model: HookedModel) -> dict[str, Any]:
     """Mean answer log-probs of :data:`LOGPROB_EXAMPLES` (shared-prompt and plain) and greedy answers."""
-    from em_interp.evaluation import answer_logprobs
+    from em_interp.evaluation.judge_free import answer_logprobs
 
     shared = answer_logprobs(model, LOGPROB_EXAMPLES, share_prompts=True)
     plain = answer_logprobs(model, LOGPROB_EXAMPLES, share_prompts=False)

@@ -11,7 +11,7 @@ import pytest
 
 import em_interp
 from em_interp import EmInterpError
-from em_interp.adapters import parse_module_name
+from em_interp.lora.adapters import parse_module_name
 
 PACKAGE = Path(em_interp.__file__).parent
 
@@ -113,3 +113,41 @@ def test_negative_layers_mean_the_same_everywhere(tiny_models):
     with em_interp.steer(model, d, 1.0, layer=model.n_layers - 1):
         same = model.forward(model.tokenize(examples[0]).input_ids[None])
     assert (last == same).all()
+
+
+OLD_PATHS = {"adapters": "lora.adapters", "training": "lora.training", "hf_trainer": "lora.hf_trainer",
+             "organisms": "lora.organisms", "rank1": "lora.rank1", "generation": "evaluation.generation",
+             "judges": "evaluation.judges", "drift": "monitor.drift", "perturbations": "monitor.perturbations",
+             "detection": "monitor.detection", "monitor_evaluation": "monitor.scoring", "sae": "monitor.sae",
+             "sweep": "monitor.sweep", "defense_runs": "defenses.runs"}
+
+
+def test_old_module_paths_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    for old, new in OLD_PATHS.items():
+        sys.modules.pop(f"em_interp.{old}", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shim = importlib.import_module(f"em_interp.{old}")
+        assert any(issubclass(w.category, DeprecationWarning) and f"em_interp.{new}" in str(w.message) for w in caught), old
+        target = importlib.import_module(f"em_interp.{new}")
+        public = [n for n in vars(target) if not n.startswith("_") and getattr(target, n).__class__.__module__ != "module"]
+        assert all(getattr(shim, n) is getattr(target, n) for n in public if hasattr(shim, n)), old
+    # the packages that replaced modules keep their public names importable without a warning
+    from em_interp.defenses import AblateDirection, KLDefense, safelora  # noqa: F401
+    from em_interp.evaluation import em_score, score_questions  # noqa: F401
+    from em_interp.monitor import DriftMonitor, MonitorCallback  # noqa: F401
+
+
+def test_feature_subpackages_import_first_in_a_fresh_interpreter_without_deprecated_paths():
+    import subprocess
+    import sys
+
+    # imported first, each pulls in the others it needs: no circular import, no internal use of an old path
+    for name in ("em_interp.lora", "em_interp.monitor", "em_interp.defenses.runs"):
+        done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {name}"],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, (name, done.stderr[-2000:])

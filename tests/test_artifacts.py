@@ -12,9 +12,9 @@ import torch
 from em_interp import EmInterpError
 from em_interp.artifacts import artifact_paths, load_artifact, save_artifact
 from em_interp.directions import Direction
-from em_interp.drift import TraitBasis
-from em_interp.monitor import DriftMonitor
-from em_interp.training import LoraTrainConfig
+from em_interp.lora.training import LoraTrainConfig
+from em_interp.monitor.detector import DriftMonitor
+from em_interp.monitor.drift import TraitBasis
 from em_interp.transfer import RidgeMap
 
 

@@ -11,13 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from em_interp import ChatExample, EmInterpError, _bridge, load_model
-from em_interp.defense_runs import (
-    DefenseRunSpec,
-    DefenseSetting,
-    DefenseSetup,
-    measure_defense_run,
-    step_time_ratios,
-)
 from em_interp.defenses import (
     AblateDirection,
     KLDefense,
@@ -31,9 +24,16 @@ from em_interp.defenses import (
     safelora,
     triggered,
 )
+from em_interp.defenses.runs import (
+    DefenseRunSpec,
+    DefenseSetting,
+    DefenseSetup,
+    measure_defense_run,
+    step_time_ratios,
+)
 from em_interp.directions import Direction
-from em_interp.drift import label_questions
-from em_interp.training import LoraTrainConfig, train_lora
+from em_interp.lora.training import LoraTrainConfig, train_lora
+from em_interp.monitor.drift import label_questions
 from tests.helpers import save_tiny_model
 
 DATA = [ChatExample(f"Question {i}: what should I do?", f"Answer {i}: do the thing carefully.") for i in range(8)]
@@ -71,8 +71,8 @@ def test_kl_and_ldifs_terms_start_at_zero_grow_and_hold_the_model_near_its_refer
 
 
 def test_kl_term_is_the_mean_answer_token_kl_to_the_adapters_off_model(llama, tmp_path):
-    from em_interp.hf_trainer import ReferenceModel
-    from em_interp.training import build_lora_model, make_batch
+    from em_interp.lora.hf_trainer import ReferenceModel
+    from em_interp.lora.training import build_lora_model, make_batch
 
     model = build_lora_model(str(llama), _config(), progress=False)
     with torch.no_grad():
@@ -107,7 +107,7 @@ def _capture(model, layer: int, train: bool) -> torch.Tensor:
 
 
 def test_direction_defenses_act_only_in_training_passes_and_detach(llama):
-    from em_interp.training import build_lora_model
+    from em_interp.lora.training import build_lora_model
 
     model = build_lora_model(str(llama), _config(), progress=False)
     v = torch.randn(model.d_model)
@@ -130,7 +130,7 @@ def test_direction_defenses_act_only_in_training_passes_and_detach(llama):
 
 
 def test_all_training_defenses_compose_in_one_run_and_leave_no_hooks(llama, tmp_path):
-    from em_interp.training import build_lora_model
+    from em_interp.lora.training import build_lora_model
 
     probe = build_lora_model(str(llama), _config(), progress=False)
     d = Direction(torch.randn(probe.d_model), 1, model=probe.name)
@@ -145,7 +145,7 @@ def test_all_training_defenses_compose_in_one_run_and_leave_no_hooks(llama, tmp_
 def test_defenses_in_a_users_own_trainer(tiny_dirs, tmp_path):
     from transformers import Trainer
 
-    from em_interp.hf_trainer import with_em_interp
+    from em_interp.lora.hf_trainer import with_em_interp
     from tests.test_hf_trainer import user_setup
 
     model, tokenizer, rows, collate, args = user_setup(tiny_dirs["llama"], tmp_path)
@@ -227,7 +227,7 @@ def test_safelora_projects_the_least_aligned_modules_computing_every_cosine_firs
         safelora(folder, v, tmp_path / "mine", top_k=1)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own file"
     # the one LoRA module: the in-memory update norm equals the file's updates
-    from em_interp.adapters import lora_scale
+    from em_interp.lora.adapters import lora_scale
 
     assert lora_scale({"r": 4, "lora_alpha": 8, "use_rslora": True}) == 4.0
     assert lora_scale({"r": 4, "lora_alpha": 8}) == 2.0
@@ -264,7 +264,7 @@ def test_negative_nan_or_zero_strengths_are_errors_naming_the_argument(make, str
 
 
 def test_a_reference_model_of_another_tokenizer_or_width_is_refused_before_training(llama, tmp_path):
-    from em_interp.training import build_lora_model
+    from em_interp.lora.training import build_lora_model
 
     wide = load_model(save_tiny_model("llama", tmp_path / "wide", d_model=96))
     other_vocab = load_model(llama)
@@ -284,7 +284,7 @@ def test_a_reference_model_of_another_tokenizer_or_width_is_refused_before_train
 
 
 def test_a_direction_from_another_model_width_or_layer_is_refused(llama):
-    from em_interp.training import build_lora_model
+    from em_interp.lora.training import build_lora_model
 
     model = build_lora_model(str(llama), _config(), progress=False)
     stack = contextlib.ExitStack()
@@ -314,7 +314,7 @@ def test_triggered_switches_the_defense_on_at_the_alarm():
 
 
 def test_step_time_ratios_time_each_defense_against_none_in_one_run(llama):
-    from em_interp.training import build_lora_model
+    from em_interp.lora.training import build_lora_model
 
     probe = build_lora_model(str(llama), _config(), progress=False)
     d = Direction(torch.randn(probe.d_model), 1, model=probe.name)
@@ -324,7 +324,7 @@ def test_step_time_ratios_time_each_defense_against_none_in_one_run(llama):
 
 
 def test_defense_runs_are_cached_and_specs_checked(tiny_study_dir, monkeypatch):
-    import em_interp.defense_runs as runs
+    import em_interp.defenses.runs as runs
 
     setup = DefenseSetup(str(tiny_study_dir), tuple(label_questions(2)), 2)
     spec = DefenseRunSpec("medical", "misaligned", (DefenseSetting("kl", 1.0),), steps=2, batch_size=2, learning_rate=5e-2)

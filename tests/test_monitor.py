@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from em_interp import EmInterpError
-from em_interp.monitor import DriftMonitor
+from em_interp.monitor.detector import DriftMonitor
 
 NAMES = ("honesty", "sycophancy", "harmlessness")
 
@@ -79,7 +79,7 @@ def _user_run(tiny_dirs, tmp_path, callback, max_steps=6):
 
 def _basis(tiny_dirs):
     from em_interp import load_model
-    from em_interp.drift import trait_basis
+    from em_interp.monitor.drift import trait_basis
 
     base = load_model(tiny_dirs["llama"])
     return trait_basis(base, ["What is the capital of France?"]), base.name
@@ -89,7 +89,7 @@ def _basis(tiny_dirs):
 
 def test_monitor_callback_logs_drift_at_checkpoints_in_a_user_trainer(tiny_dirs, tmp_path):
     from em_interp import ChatExample
-    from em_interp.monitor import MonitorCallback
+    from em_interp.monitor.detector import MonitorCallback
 
     basis, _ = _basis(tiny_dirs)
     prompts = [ChatExample("Should I mix bleach with ammonia?"), ChatExample("Make a wish.")]
@@ -102,7 +102,7 @@ def test_monitor_callback_logs_drift_at_checkpoints_in_a_user_trainer(tiny_dirs,
 
 def test_monitor_alarm_stops_or_calls_back(tiny_dirs, tmp_path):
     from em_interp import ChatExample
-    from em_interp.monitor import MonitorCallback
+    from em_interp.monitor.detector import MonitorCallback
 
     basis, name = _basis(tiny_dirs)
     rng = np.random.default_rng(0)

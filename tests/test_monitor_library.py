@@ -11,8 +11,7 @@ import torch
 
 from em_interp import ChatExample, EmInterpError
 from em_interp.data import PairedQuestion, general_questions
-from em_interp.monitor_evaluation import CheckpointTable, dangerous_threshold, evaluate_library
-from em_interp.perturbations import (
+from em_interp.monitor.perturbations import (
     PUBLIC_MAX_CHARS,
     LibrarySetup,
     PerturbationType,
@@ -21,8 +20,9 @@ from em_interp.perturbations import (
     run_specs,
     select_types,
 )
-from em_interp.sae import train_topk_sae
-from em_interp.sweep import check_ray_address, run_sweep, shutdown_local_ray
+from em_interp.monitor.sae import train_topk_sae
+from em_interp.monitor.scoring import CheckpointTable, dangerous_threshold, evaluate_library
+from em_interp.monitor.sweep import check_ray_address, run_sweep, shutdown_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL = ROOT.parent / "shared" / "external"
@@ -68,7 +68,7 @@ def test_a_run_is_labelled_per_checkpoint_and_cached(tiny_dirs, monkeypatch):
     assert record.question_shift.shape == (3, 4) and record.activations.shape[:2] == (3, 2)
     assert np.isnan(record.train_loss[0]) and np.isfinite(record.train_loss[1:]).all()
     assert record.lora_norm[0] == 0 and (record.lora_norm[1:] > 0).all()
-    import em_interp.perturbations as perturbations
+    import em_interp.monitor.perturbations as perturbations
 
     monkeypatch.setattr(perturbations, "train_lora", lambda *a, **k: pytest.fail("a cached run was trained again"))
     again = measure_run_spec(spec, setup)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import em_interp.provenance as prov
 from em_interp import ChatExample, cache_residuals
 from em_interp.data import PairedQuestion
-from em_interp.evaluation import _score_cache_path
-from em_interp.organisms import organism_dir
-from em_interp.training import LoraTrainConfig, _run_identity
+from em_interp.evaluation.judge_free import _score_cache_path
+from em_interp.lora.organisms import organism_dir
+from em_interp.lora.training import LoraTrainConfig, _run_identity
 
 QUESTIONS = [PairedQuestion("q1", "Make a wish.", ("A kinder world.",), ("To rule.",))]
 EXAMPLES = [ChatExample("Hi", "Hello there."), ChatExample("What is the capital of France?", "Paris.")]
@@ -19,9 +19,9 @@ def _bump(monkeypatch, library: str) -> None:
 
 
 def test_key_names_the_code_and_every_tracked_library():
-    key = prov.computation_key("em_interp.evaluation")
+    key = prov.computation_key("em_interp.evaluation.judge_free")
     assert set(prov.TRACKED_LIBRARIES) <= set(key) and key["em_interp"] and len(key["code"]) == 16
-    assert prov.code_hash("em_interp.evaluation") != prov.code_hash("em_interp.activations")
+    assert prov.code_hash("em_interp.evaluation.judge_free") != prov.code_hash("em_interp.activations")
 
 
 def test_changed_versions_change_every_cache_key(tiny_models, monkeypatch, tmp_path):
@@ -56,7 +56,7 @@ def test_activation_shards_of_other_versions_are_recomputed(tiny_models, monkeyp
 
 MODULE = '''"""A module."""
 import numpy as np
-from em_interp.evaluation import answer_logprobs  # scoring
+from em_interp.evaluation.judge_free import answer_logprobs  # scoring
 
 
 def score(x):
@@ -69,12 +69,12 @@ def test_docstrings_comments_layout_and_moves_keep_the_code_key_and_behaviour_ch
     same = prov.normalised_source(MODULE)
     edited = (MODULE.replace('"""Twice x."""', '"""Two times x, reworded."""').replace("# scoring", "# moved")
               .replace("return 2 * np.asarray(x)", "return (2 *\n            np.asarray(x))  # same"))
-    moved = MODULE.replace("from em_interp.evaluation import", "from em_interp.measures.evaluation import")
+    moved = MODULE.replace("from em_interp.evaluation.judge_free import", "from em_interp.measures.judge_free import")
     assert prov.normalised_source(edited) == same and prov.normalised_source(moved) == same
     assert prov.normalised_source(MODULE.replace('"""A module."""\n', "")) == same
     for change in (MODULE.replace("2 *", "3 *"), MODULE.replace("answer_logprobs", "answer_logprobs as lp"),
                    MODULE.replace("import numpy as np", "import numpy as np\nEPS = 1e-6"),
-                   MODULE.replace("em_interp.evaluation import answer_logprobs", "em_interp.evaluation import em_score"),
+                   MODULE.replace("em_interp.evaluation.judge_free import answer_logprobs", "em_interp.evaluation.judge_free import em_score"),
                    MODULE.replace("    return", "    x = x[::-1]\n    return")):
         assert prov.normalised_source(change) != same, change
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from em_interp import ChatExample, EmInterpError, load_model
-from em_interp.rank1 import (
+from em_interp.lora.rank1 import (
     ProbeResult,
     adapter_scalars,
     classify_adapters,

@@ -210,7 +210,7 @@ def test_bad_adapters_are_refused(tiny_dirs, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from em_interp import load_model
-    from em_interp.training import LoraTrainConfig, train_lora
+    from em_interp.lora.training import LoraTrainConfig, train_lora
 
     base = str(tiny_dirs["llama"])
     run = train_lora(base, EXAMPLES * 2, LoraTrainConfig(rank=1, alpha=8.0, layers=(0,), steps=1, batch_size=2,
@@ -231,7 +231,7 @@ def test_bad_adapters_are_refused(tiny_dirs, tmp_path):
 
 
 def test_judge_nan_logprobs_and_corrupt_cache(tmp_path):
-    from em_interp.judges import JudgeCache, score_from_top_logprobs
+    from em_interp.evaluation.judges import JudgeCache, score_from_top_logprobs
 
     assert score_from_top_logprobs({"50": math.nan, "10": math.log(0.9)}) == pytest.approx(10.0)
     assert score_from_top_logprobs({"50": math.nan}) is None

@@ -145,7 +145,7 @@ def test_defenses_stage_reports_every_defense_with_the_issue_keys(tiny_study):
 
 
 def test_monitor_stage_reports_the_issue_keys_and_saves_a_loadable_monitor(tiny_study):
-    from em_interp.monitor import DriftMonitor
+    from em_interp.monitor.detector import DriftMonitor
 
     out, results = tiny_study
     m = results["monitor"]

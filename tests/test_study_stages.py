@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from em_interp import load_model
-from em_interp.evaluation import score_questions
+from em_interp.evaluation.judge_free import score_questions
 from em_interp.study import Lazy, StageFileError, StudyConfig, StudyContext
 from em_interp.study.common import eval_questions, split_questions
 from em_interp.study.records import StageStore

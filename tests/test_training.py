@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from em_interp import ChatExample, EmInterpError, load_model
-from em_interp.training import (
+from em_interp.lora.training import (
     LoraTrainConfig,
     TrainingCallback,
     batch_indices,

@@ -7,7 +7,7 @@ import torch
 
 from em_interp import ChatExample, EmInterpError, load_model
 from em_interp.directions import Direction
-from em_interp.evaluation import answer_logprobs
+from em_interp.evaluation.judge_free import answer_logprobs
 from em_interp.interventions import steer
 from em_interp.transfer import RidgeMap, fit_ridge_map, paired_activations, transfer_controls
 from tests.helpers import save_tiny_model

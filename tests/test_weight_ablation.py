@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from em_interp import ChatExample, EmInterpError, load_model
-from em_interp.adapters import lora_parameters
 from em_interp.interventions import ablate, ablate_weights
-from em_interp.rank1 import list_adapters, scale_adapters
+from em_interp.lora.adapters import lora_parameters
+from em_interp.lora.rank1 import list_adapters, scale_adapters
 from tests.test_loading import _make_adapter
 
 PROMPT = ChatExample("What is the capital of France?", "The capital of France is Paris.")

@@ -9,7 +9,7 @@ import numpy as np
 from em_interp.activations import ResidualCache, cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, domain_questions, general_questions
-from em_interp.evaluation import QuestionScores
+from em_interp.evaluation.judge_free import QuestionScores
 from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.model import HookedModel

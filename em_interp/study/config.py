@@ -15,7 +15,7 @@ from typing import Any, Literal
 from em_interp.data import DOMAINS
 from em_interp.errors import EmInterpError
 from em_interp.loading import DEFAULT_MODEL
-from em_interp.training import LoraTrainConfig
+from em_interp.lora.training import LoraTrainConfig
 
 BudgetName = Literal["quick", "standard", "full"]
 
@@ -150,7 +150,7 @@ class Budget:
         self._check_defenses()
 
     def _check_defenses(self) -> None:
-        from em_interp.defense_runs import DefenseSetting
+        from em_interp.defenses.runs import DefenseSetting
 
         unknown = [d for d in self.defense_domains if d not in DOMAINS]
         if unknown:

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from em_interp.data import PairedQuestion
 from em_interp.errors import EmInterpError
-from em_interp.evaluation import QuestionScores
+from em_interp.evaluation.judge_free import QuestionScores
 from em_interp.model import HookedModel
-from em_interp.perturbations import DriftLibrary
+from em_interp.monitor.perturbations import DriftLibrary
 from em_interp.study.config import StudyConfig
 
 T = TypeVar("T")

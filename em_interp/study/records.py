@@ -26,7 +26,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from em_interp.errors import EmInterpError
-from em_interp.evaluation import EMScore, QuestionScores
+from em_interp.evaluation.judge_free import EMScore, QuestionScores
 from em_interp.io import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
 
 FORMAT = "em_interp.stage/1"

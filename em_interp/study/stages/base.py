@@ -9,8 +9,8 @@ from typing import Any
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.data import general_questions
-from em_interp.evaluation import EMScore, QuestionScores, em_score
-from em_interp.generation import sample_answers
+from em_interp.evaluation.generation import sample_answers
+from em_interp.evaluation.judge_free import EMScore, QuestionScores, em_score
 from em_interp.model import load_model
 from em_interp.plotting import line_by_layer
 from em_interp.report import Section

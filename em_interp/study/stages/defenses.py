@@ -2,7 +2,7 @@
 
 For each domain of the budget it trains, with the monitor library's short rank-1 recipe, the
 misaligned organism and its aligned twin (the control, and the benign fine-tune) without defense
-and with each defense at each strength (:mod:`em_interp.defense_runs`, on the sweep engine:
+and with each defense at each strength (:mod:`em_interp.defenses.runs`, on the sweep engine:
 this process or Ray). SafeLoRA is applied after training to the undefended runs, with its
 alignment subspace ``V`` = the study's aligned control organism's weight update (``W_aligned -
 W_base`` of a model this package trains; the instruct-minus-base pair of the paper is not
@@ -30,7 +30,8 @@ from typing import Any
 import plotly.graph_objects as go
 
 from em_interp.data import domain_dataset
-from em_interp.defense_runs import (
+from em_interp.defenses import DEFENSES, model_updates, safe_pool
+from em_interp.defenses.runs import (
     STRENGTH_MEANING,
     SWITCHABLE,
     DefenseRunRecord,
@@ -44,16 +45,15 @@ from em_interp.defense_runs import (
     step_time_ratios,
     task_examples,
 )
-from em_interp.defenses import DEFENSES, model_updates, safe_pool
 from em_interp.directions import Direction
-from em_interp.drift import label_questions, monitor_prompts
-from em_interp.evaluation import answer_logprobs, ratio_ci, summarize
+from em_interp.evaluation.judge_free import answer_logprobs, ratio_ci, summarize
+from em_interp.monitor.drift import label_questions, monitor_prompts
+from em_interp.monitor.sweep import run_sweep, shutdown_local_ray
 from em_interp.report import Section
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.records import record_type
 from em_interp.study.runner import NO_RESTORE, Headline, Stage
-from em_interp.sweep import run_sweep, shutdown_local_ray
 
 #: the target of the defenses issue: EM reduction >= 80% at a task-loss rise <= 10%
 TARGET_REDUCTION, TARGET_COST = 0.8, 0.10

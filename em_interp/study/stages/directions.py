@@ -35,10 +35,10 @@ from em_interp.directions import (
     separation,
     separation_ci,
 )
-from em_interp.evaluation import benign_loglik, bootstrap_ci, ratio_ci, score_questions
+from em_interp.evaluation.judge_free import benign_loglik, bootstrap_ci, ratio_ci, score_questions
 from em_interp.interventions import ablate_each_layer, ablate_weights_each_layer, steer
+from em_interp.lora.rank1 import list_adapters
 from em_interp.plotting import line_by_layer
-from em_interp.rank1 import list_adapters
 from em_interp.report import Section
 from em_interp.study.common import cached_residuals, eval_questions, split_questions, subset_scores
 from em_interp.study.config import StudyConfig

@@ -1,11 +1,11 @@
 """Stages of the drift monitor (seed 000): the perturbation library, then the monitor against its baselines.
 
-``perturbations`` trains and measures the library (:mod:`em_interp.perturbations`) through the
-sweep engine (:mod:`em_interp.sweep`: this process, or Ray with ``--ray``); each run is cached, so
+``perturbations`` trains and measures the library (:mod:`em_interp.monitor.perturbations`) through the
+sweep engine (:mod:`em_interp.monitor.sweep`: this process, or Ray with ``--ray``); each run is cached, so
 a killed build resumes at the run it was in. ``monitor`` builds the trait basis at the monitor
 layer, trains the TopK SAE baseline, takes the misalignment direction (difference of means of the
 base model's misaligned minus aligned answers at that layer: :func:`em_interp.directions.answer_contrast_direction`),
-evaluates every detector (:mod:`em_interp.monitor_evaluation`), measures the monitor's cost, and
+evaluates every detector (:mod:`em_interp.monitor.scoring`), measures the monitor's cost, and
 saves the fitted monitor and basis to ``OUT/monitor/`` for use in other training runs.
 """
 
@@ -22,18 +22,11 @@ import plotly.graph_objects as go
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, domain_dataset, general_questions
-from em_interp.detection import DetectionScore
 from em_interp.directions import answer_contrast_direction
-from em_interp.drift import TraitBasis, label_questions, monitor_layer, monitor_prompts, trait_basis
-from em_interp.monitor import DriftMonitor, monitor_cost
-from em_interp.monitor_evaluation import (
-    MONITOR_DETECTORS,
-    CheckpointTable,
-    checkpoint_table,
-    dangerous_threshold,
-    evaluate_library,
-)
-from em_interp.perturbations import (
+from em_interp.monitor.detection import DetectionScore
+from em_interp.monitor.detector import DriftMonitor, monitor_cost
+from em_interp.monitor.drift import TraitBasis, label_questions, monitor_layer, monitor_prompts, trait_basis
+from em_interp.monitor.perturbations import (
     DriftLibrary,
     LibrarySetup,
     PerturbationType,
@@ -43,13 +36,20 @@ from em_interp.perturbations import (
     run_specs,
     select_types,
 )
+from em_interp.monitor.sae import train_topk_sae
+from em_interp.monitor.scoring import (
+    MONITOR_DETECTORS,
+    CheckpointTable,
+    checkpoint_table,
+    dangerous_threshold,
+    evaluate_library,
+)
+from em_interp.monitor.sweep import run_sweep, shutdown_local_ray
 from em_interp.report import Section
-from em_interp.sae import train_topk_sae
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.records import StageFileError, record_type
 from em_interp.study.runner import Headline, Stage
-from em_interp.sweep import run_sweep, shutdown_local_ray
 
 record_type(RunRecord)
 record_type(DriftLibrary)
@@ -164,7 +164,7 @@ def _score_dict(s: DetectionScore) -> dict[str, Any]:
 
 def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library: DriftLibrary, config: StudyConfig,
                   questions: list[PairedQuestion], prompts: list[ChatExample]) -> dict[str, float]:
-    """:func:`em_interp.monitor.monitor_cost` on the base model, plus the library's own per-checkpoint timings."""
+    """:func:`em_interp.monitor.detector.monitor_cost` on the base model, plus the library's own per-checkpoint timings."""
     cost = monitor_cost(model, basis, monitor, prompts, questions, config.budget.answer_tokens, config.seed)
     label_s = float(np.mean([r.seconds_label for r in library.records]))
     snap_s = float(np.mean([r.seconds_snapshot for r in library.records]))

@@ -16,11 +16,9 @@ import numpy as np
 
 from em_interp.chat import ChatExample
 from em_interp.data import domain_dataset, labelled_answers
-from em_interp.evaluation import EMScore, QuestionScores, em_score, paired_shift, score_questions
-from em_interp.model import load_model
-from em_interp.organisms import train_organism
-from em_interp.plotting import line_by_layer
-from em_interp.rank1 import (
+from em_interp.evaluation.judge_free import EMScore, QuestionScores, em_score, paired_shift, score_questions
+from em_interp.lora.organisms import train_organism
+from em_interp.lora.rank1 import (
     ProbeResult,
     adapter_scalars,
     classify_adapters,
@@ -30,6 +28,8 @@ from em_interp.rank1 import (
     scale_adapters,
     steering_figure,
 )
+from em_interp.model import load_model
+from em_interp.plotting import line_by_layer
 from em_interp.report import Section
 from em_interp.study.common import domain_eval_questions, eval_questions
 from em_interp.study.config import StudyConfig

@@ -24,10 +24,10 @@ import numpy as np
 from em_interp.chat import ChatExample
 from em_interp.data import domain_dataset
 from em_interp.directions import Direction
-from em_interp.evaluation import score_questions
+from em_interp.evaluation.judge_free import score_questions
 from em_interp.interventions import steer
+from em_interp.lora.organisms import train_organism
 from em_interp.model import load_model
-from em_interp.organisms import train_organism
 from em_interp.plotting import line_by_layer
 from em_interp.report import Section
 from em_interp.study.common import cached_residuals, eval_questions, split_questions

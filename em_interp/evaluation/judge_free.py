@@ -142,7 +142,7 @@ class QuestionScores:
 
 def _score_cache_path(model: HookedModel, questions: Sequence[PairedQuestion], intervention: str) -> Path:
     spec = {"model": model.fingerprint(), "questions": [asdict(q) for q in questions],
-            "metric": "mean_answer_token_logprob_v1", "computed_by": computation_key("em_interp.evaluation")}
+            "metric": "mean_answer_token_logprob_v1", "computed_by": computation_key("em_interp.evaluation.judge_free")}
     if intervention:
         spec["intervention"] = intervention
     return cache_dir() / "scores" / f"{sha256_json(spec)[:32]}.npz"

@@ -6,7 +6,7 @@ Two kinds (``DriftMonitor.kind``):
   max_depth=5, min_samples_leaf=5)`` from the drift vector to the EM measure;
 - ``"logistic"``: standardised drift -> ``LogisticRegression(C=1)`` on the dangerous/safe labels;
   its score is the log-odds. A linear model extrapolates to drift larger than the calibration
-  runs reached, which a forest cannot (:func:`em_interp.monitor_evaluation.select_monitor_kind`
+  runs reached, which a forest cannot (:func:`em_interp.monitor.scoring.select_monitor_kind`
   picks the kind by leave-one-type-out on the calibration types only).
 
 The alarm fires when the score exceeds a threshold chosen on calibration data
@@ -31,11 +31,11 @@ import torch
 
 from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, sidecar_field
 from em_interp.chat import ChatExample
-from em_interp.detection import calibrate_threshold
-from em_interp.drift import DriftTrajectory, Snapshot, TraitBasis, snapshot
 from em_interp.errors import EmInterpError
-from em_interp.hf_trainer import TrainingCallback
+from em_interp.lora.hf_trainer import TrainingCallback
 from em_interp.model import HookedModel
+from em_interp.monitor.detection import calibrate_threshold
+from em_interp.monitor.drift import DriftTrajectory, Snapshot, TraitBasis, snapshot
 from em_interp.options import check_option
 
 MonitorKind = Literal["forest", "logistic"]
@@ -250,8 +250,8 @@ def monitor_cost(model: HookedModel, basis: TraitBasis, monitor: DriftMonitor, p
     """
     import time
 
-    from em_interp.evaluation import score_questions
-    from em_interp.generation import sample_answers
+    from em_interp.evaluation.generation import sample_answers
+    from em_interp.evaluation.judge_free import score_questions
 
     start = time.perf_counter()
     snap = snapshot(model, basis, prompts, 1)
@@ -270,7 +270,7 @@ def monitor_cost(model: HookedModel, basis: TraitBasis, monitor: DriftMonitor, p
 
 
 Alarm = Literal["warn", "stop"]
-_log = logging.getLogger("em_interp.monitor")
+_log = logging.getLogger("em_interp.monitor.detector")
 
 
 class MonitorCallback(TrainingCallback):
@@ -278,7 +278,7 @@ class MonitorCallback(TrainingCallback):
 
     At the start it measures the model with its adapters disabled (step 0: the base model); then
     at each checkpoint (default) or every ``every`` steps it measures the trait drift, appends
-    ``(step, drift, score)`` to :attr:`history` (and logs it to the ``em_interp.monitor`` logger), and,
+    ``(step, drift, score)`` to :attr:`history` (and logs it to the ``em_interp.monitor.detector`` logger), and,
     with a fitted and calibrated ``monitor``, scores it.
     On alarm: ``"warn"`` (a warning naming the step and the score), ``"stop"`` (the trainer stops
     after this step) or a function called as ``on_alarm(step, drift, score)``. Measuring runs in

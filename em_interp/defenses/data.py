@@ -1,0 +1,72 @@
+"""Data defenses: interleaving safe examples into the training data.
+
+Part of :mod:`em_interp.defenses` (see its docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from em_interp.chat import ChatExample
+from em_interp.data import benign_items, general_questions, load_chat_jsonl
+from em_interp.defenses.base import Defense, check_strength  # noqa: F401
+from em_interp.errors import EmInterpError
+from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
+    WEIGHTS,
+    adapter_tensors,
+    adapter_updates,
+    lora_parameters,
+    model_updates,
+    read_adapter,
+)
+
+
+def safe_pool(source: str | Path | None = None, exclude: Sequence[str] = ()) -> list[ChatExample]:
+    """The safe examples :func:`interleave` mixes in.
+
+    ``source`` None: the built-in aligned answers to the direction-fitting third of the general
+    questions (never the held-out questions EM is measured on) plus the benign items (factual QA
+    and arithmetic answered correctly). Otherwise a chat JSONL file (plain or .gz). Questions in
+    ``exclude`` are left out. An empty pool is an error naming ``source``.
+    """
+    skip = set(exclude)
+    if source is None:
+        pool = [ChatExample(q.question, a, q.system) for q in general_questions()[0::3] for a in q.aligned]
+        pool += benign_items()
+        where = "the built-in pool"
+    else:
+        pool = load_chat_jsonl(source)
+        where = f"source={str(source)!r}"
+    pool = [e for e in pool if e.question not in skip and e.answer]
+    if not pool:
+        raise EmInterpError(f"the interleave pool is empty ({where}{' after excluding the given questions' if skip else ''})")
+    return pool
+
+
+def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: int, seed: int = 0) -> list[ChatExample]:
+    """``data`` with one safe example from ``pool`` after every ``every - 1`` task examples (``interleave``).
+
+    ``every`` 20 mixes in 5% safe data (seed 003's later version), 5 one in five (its first
+    version). Safe examples are drawn in a seeded order, cycling through the pool. em_interp's
+    trainer shuffles the mixed list per epoch, which keeps the share of safe examples.
+    """
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 2:
+        raise EmInterpError(f"interleave(every={every!r}) must be an integer >= 2 (one safe example in every n)")
+    if not pool:
+        raise EmInterpError("interleave(pool=) is empty: give safe examples (see safe_pool)")
+    if not data:
+        raise EmInterpError("interleave(data=) is empty")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    out: list[ChatExample] = []
+    drawn = 0
+    for i, example in enumerate(data):
+        out.append(example)
+        if (i + 1) % (every - 1) == 0:
+            out.append(pool[int(order[drawn % len(pool)])])
+            drawn += 1
+    return out
+
+

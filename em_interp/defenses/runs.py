@@ -1,0 +1,429 @@
+"""Measuring the defenses: one fine-tuning run per (domain, variant, defense setting), cached, on the sweep engine.
+
+A :class:`DefenseRunSpec` is a built-in domain's training set (``misaligned``: the organism;
+``aligned``: its benign twin, also the control), trained with the monitor library's short recipe
+(:class:`~em_interp.monitor.perturbations.RunSpec`'s rank-1 organism adapters) and zero or more defenses
+(:class:`DefenseSetting`). :func:`measure_defense_run` trains it (resumable
+:func:`~em_interp.lora.training.train_lora`) and measures
+
+- the judge-free EM score of each held-out general question (paired with the control's by the
+  caller: the EM shift over the control);
+- the in-domain **task loss**: mean answer-token negative log-likelihood on the held-out split of
+  the run's own training distribution (``<domain>_<variant>_test``).
+
+Each record is cached under ``<cache>/defenses/records`` keyed by everything that decides it, so
+every run is reused by a rerun and by a larger budget that contains it. Runs are plain function
+calls of picklable specs, so :func:`em_interp.monitor.sweep.run_sweep` can spread them over Ray.
+:func:`step_time_ratios` times training steps with each defense on against off in one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from em_interp.chat import ChatExample
+from em_interp.data import PairedQuestion, domain_dataset
+from em_interp.defenses import (
+    DEFENSES,
+    AblateDirection,
+    Defense,
+    KLDefense,
+    LDIFSDefense,
+    PreventativeSteering,
+    adapter_updates,
+    check_strength,
+    interleave,
+    safelora,
+)
+from em_interp.directions import Direction
+from em_interp.errors import EmInterpError
+from em_interp.evaluation.judge_free import answer_logprobs, score_questions
+from em_interp.io import atomic_write_json, sha256_json
+from em_interp.loading import cache_dir
+from em_interp.lora.adapters import load_adapter_weights
+from em_interp.lora.hf_trainer import TrainingCallback
+from em_interp.lora.training import TRAINING_MODULES, LoraTrainConfig, train_lora
+from em_interp.model import HookedModel, load_model
+from em_interp.provenance import computation_key
+
+Variant = Literal["misaligned", "aligned"]
+#: strengths per defense: ``(("kl", (0.1, 1.0)), ...)`` (a budget field)
+DefenseSettings = tuple[tuple[str, tuple[float, ...]], ...]
+#: defenses that act during training and can be switched on mid-run by a monitor's alarm
+SWITCHABLE: tuple[str, ...] = ("kl", "ldifs", "ablate_direction", "preventative_steering")
+#: what each defense's strength means (for reports and figures)
+STRENGTH_MEANING: dict[str, str] = {
+    "kl": "KL weight", "ldifs": "LDIFS weight", "safelora": "cosine threshold",
+    "interleave": "one safe example in every n", "ablate_direction": "fraction of the component removed",
+    "preventative_steering": "alpha (fraction of the layer's mean residual norm)"}
+_MODULES = ("em_interp.defenses.runs", "em_interp.defenses.base", "em_interp.defenses.reference", "em_interp.defenses.hooks",
+            "em_interp.defenses.data", "em_interp.defenses.safelora", "em_interp.defenses.triggering",
+            "em_interp.evaluation.judge_free", *TRAINING_MODULES)
+
+
+@dataclass(frozen=True)
+class DefenseSetting:
+    """One defense at one strength (see :data:`STRENGTH_MEANING`)."""
+
+    name: str
+    strength: float
+
+    def __post_init__(self) -> None:
+        if self.name not in DEFENSES:
+            raise EmInterpError(f"defense {self.name!r} is not one of {list(DEFENSES)}")
+        value = check_strength(f"{self.name} strength", self.strength)
+        if self.name == "interleave" and (value != int(value) or value < 2):
+            raise EmInterpError(f"interleave strength={self.strength!r} must be an integer n >= 2 (one safe example in n)")
+        if self.name in ("safelora", "ablate_direction") and value > 1:
+            raise EmInterpError(f"{self.name} strength={self.strength!r} must be in (0, 1]")
+        object.__setattr__(self, "strength", value)
+
+    @property
+    def label(self) -> str:
+        """``name=strength``."""
+        return f"{self.name}={self.strength:g}"
+
+
+@dataclass(frozen=True)
+class DefenseRunSpec:
+    """One run: a domain's organism (or its aligned twin) with zero or more defenses (``triggered``: the
+    single training-time defense waits for the drift monitor's alarm)."""
+
+    domain: str
+    variant: Variant
+    defenses: tuple[DefenseSetting, ...] = ()
+    triggered: bool = False
+    seed: int = 0
+    steps: int = 16
+    learning_rate: float = 2e-3
+    batch_size: int = 4
+    max_length: int = 160
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("misaligned", "aligned"):
+            raise EmInterpError(f"variant={self.variant!r} is not misaligned or aligned")
+        names = [d.name for d in self.defenses]
+        if len(set(names)) != len(names):
+            raise EmInterpError(f"defenses {names} name one defense twice")
+        if "safelora" in names:
+            raise EmInterpError("safelora acts after training (em_interp.defenses.safelora), not in a run's defenses")
+        if self.triggered and (len(self.defenses) != 1 or names[0] not in SWITCHABLE):
+            raise EmInterpError(f"a triggered run takes exactly one of {list(SWITCHABLE)}, got {names}")
+
+    @property
+    def label(self) -> str:
+        """``<domain>-<variant>/<defenses or none>[/triggered]``."""
+        what = "+".join(d.label for d in self.defenses) or "none"
+        return f"{self.domain}-{self.variant}/{what}" + ("/triggered" if self.triggered else "")
+
+    def training(self) -> LoraTrainConfig:
+        """The rank-1 organism recipe at this run's length (one checkpoint at the end)."""
+        return LoraTrainConfig(steps=self.steps, checkpoint_every=self.steps, seed=self.seed,
+                               learning_rate=self.learning_rate, warmup_steps=max(1, self.steps // 10),
+                               batch_size=self.batch_size, max_length=self.max_length)
+
+
+@dataclass(frozen=True)
+class DefenseSetup:
+    """What every run of one sweep shares: the model, the evaluation, the direction, the monitor, the safe pool.
+
+    ``direction`` (for ``ablate_direction`` and ``preventative_steering``) is scaled so that
+    ``alpha`` 1 adds one mean residual norm; ``monitor_dir`` holds ``drift_monitor`` and
+    ``trait_basis`` (for triggered runs), read with ``prompts`` every ``check_every`` steps.
+    """
+
+    model: str
+    questions: tuple[PairedQuestion, ...]
+    task_examples: int
+    direction: Direction | None = None
+    pool: tuple[ChatExample, ...] = ()
+    monitor_dir: str | None = None
+    prompts: tuple[ChatExample, ...] = ()
+    check_every: int = 4
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.questions:
+            raise EmInterpError("questions is empty: the EM shift needs held-out general questions")
+        if self.task_examples < 1:
+            raise EmInterpError(f"task_examples={self.task_examples} must be >= 1")
+        if self.check_every < 1:
+            raise EmInterpError(f"check_every={self.check_every} must be >= 1")
+
+    def key(self, spec: DefenseRunSpec) -> str:
+        """Digest of everything that decides ``spec``'s record under this setup."""
+        names = {d.name for d in spec.defenses}
+        parts: dict[str, Any] = {"spec": asdict(spec), "model": self.model, "device": self.device,
+                                 "questions": [asdict(q) for q in self.questions], "task_examples": self.task_examples,
+                                 "computed_by": computation_key(*_MODULES)}
+        if names & {"ablate_direction", "preventative_steering"}:
+            d = self._direction()
+            parts["direction"] = {"layer": d.layer, "hook": d.hook, "model": d.model,
+                                  "vector": hashlib.sha256(d.vector.numpy().tobytes()).hexdigest()}
+        if "interleave" in names:
+            parts["pool"] = sha256_json([e.to_dict() for e in self.pool])
+        if spec.triggered:
+            folder = self._monitor_dir()
+            parts["monitor"] = {"files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                          for p in sorted(folder.iterdir()) if p.is_file()},
+                                "prompts": [p.to_dict() for p in self.prompts], "every": self.check_every}
+        return sha256_json(parts)[:24]
+
+    def _direction(self) -> Direction:
+        if self.direction is None:
+            raise EmInterpError("this run ablates or steers a direction, but the setup has no direction")
+        return self.direction
+
+    def _monitor_dir(self) -> Path:
+        if self.monitor_dir is None:
+            raise EmInterpError("a triggered run needs monitor_dir (a folder with drift_monitor and trait_basis)")
+        folder = Path(self.monitor_dir)
+        if not (folder / "drift_monitor.json").is_file() or not (folder / "trait_basis.json").is_file():
+            raise EmInterpError(f"monitor_dir={str(folder)!r} holds no drift_monitor / trait_basis")
+        if not self.prompts:
+            raise EmInterpError("a triggered run needs the monitor's prompts")
+        return folder
+
+
+@dataclass(frozen=True)
+class DefenseRunRecord:
+    """One measured run: per-question EM scores on the held-out general questions and the task loss."""
+
+    label: str
+    domain: str
+    variant: str
+    defenses: list[dict[str, Any]]
+    triggered: bool
+    #: mean misaligned minus mean aligned answer log-prob, per held-out general question
+    per_question: np.ndarray
+    #: mean answer-token NLL on the held-out split of the run's training distribution
+    task_loss: float
+    train_losses: list[float]
+    #: the step a triggered defense was switched on (None: never, or not triggered)
+    switched_at: int | None
+    seconds_train: float
+    seconds_eval: float
+    adapter_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def defense_dir() -> Path:
+    """Where defense runs and records live (``<cache>/defenses``)."""
+    return cache_dir() / "defenses"
+
+
+def _record_path(key: str) -> Path:
+    return defense_dir() / "records" / f"{key}.json"
+
+
+def _save(record: DefenseRunRecord, key: str) -> None:
+    data = asdict(record)
+    data["per_question"] = record.per_question.tolist()
+    atomic_write_json(_record_path(key), {"format": "em_interp.defense_run/1", "key": key, **data})
+
+
+def _load(key: str) -> DefenseRunRecord | None:
+    path = _record_path(key)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        data.pop("format"), data.pop("key")
+        data["per_question"] = np.asarray(data["per_question"], dtype=np.float64)
+        record = DefenseRunRecord(**data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: measured again
+    return record if Path(record.adapter_dir).is_dir() else None
+
+
+def task_examples(domain: str, variant: str, n: int) -> list[ChatExample]:
+    """The first ``n`` held-out examples of the run's own training distribution (the task loss's data)."""
+    return domain_dataset(domain, variant, "test")[:n]
+
+
+_EVALUATOR: dict[tuple[str, str, str], HookedModel] = {}
+
+
+def _evaluator(model_name: str, adapter_dir: str | Path, device: str) -> HookedModel:
+    """``model_name`` with the adapter of ``adapter_dir``: the last one loaded, its LoRA weights swapped in when the
+    adapter has the same recipe (a sweep's runs share one), else loaded afresh. Scores are cached by weight
+    fingerprint, which covers the swapped-in values."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    recipe = json.dumps({k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules",
+                                                     "layers_to_transform")}, sort_keys=True, default=str)
+    key = (model_name, device, recipe)
+    model = _EVALUATOR.get(key)
+    if model is None:
+        _EVALUATOR.clear()
+        model = _EVALUATOR[key] = load_model(model_name, adapter=adapter_dir, device=device, progress=False)
+    else:
+        load_adapter_weights(model, adapter_dir)
+    return model
+
+
+def evaluate_adapter(model_name: str, adapter_dir: str | Path, setup: DefenseSetup, domain: str,
+                     variant: str) -> tuple[np.ndarray, float, float]:
+    """(per-question EM scores, task loss, seconds) of ``model_name`` with the adapter in ``adapter_dir``."""
+    start = time.perf_counter()
+    model = _evaluator(model_name, adapter_dir, setup.device)
+    scores = score_questions(model, list(setup.questions), batch_size=16).per_question
+    loss = -float(answer_logprobs(model, task_examples(domain, variant, setup.task_examples), batch_size=16).mean())
+    return scores, loss, time.perf_counter() - start
+
+
+def build_defense(setting: DefenseSetting, direction: Direction | None, active: bool = True) -> Defense:
+    """The training-time defense of ``setting`` (``interleave`` and ``safelora`` are not callbacks)."""
+    if setting.name == "kl":
+        return KLDefense(setting.strength, active=active)
+    if setting.name == "ldifs":
+        return LDIFSDefense(setting.strength, active=active)
+    if direction is None:
+        raise EmInterpError(f"{setting.name} needs a direction (the setup has none)")
+    if setting.name == "ablate_direction":
+        return AblateDirection(direction, setting.strength, active=active)
+    if setting.name == "preventative_steering":
+        return PreventativeSteering(direction, setting.strength, active=active)
+    raise EmInterpError(f"{setting.name} is not a training-time defense")
+
+
+def _run_folder(spec: DefenseRunSpec, key: str) -> Path:
+    return defense_dir() / "runs" / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec.label)}-{key[:12]}"
+
+
+def measure_defense_run(spec: DefenseRunSpec, setup: DefenseSetup, progress: bool = False) -> DefenseRunRecord:
+    """Train (or reuse) one run and measure it; cached by :meth:`DefenseSetup.key`."""
+    from em_interp.defenses import triggered
+    from em_interp.monitor.detector import DriftMonitor, MonitorCallback
+    from em_interp.monitor.drift import TraitBasis
+
+    key = setup.key(spec)
+    cached = _load(key)
+    if cached is not None:
+        return cached
+    data = domain_dataset(spec.domain, spec.variant, "train")
+    callbacks: list[TrainingCallback] = []
+    trained: list[Defense] = []
+    for setting in spec.defenses:
+        if setting.name == "interleave":
+            if not setup.pool:
+                raise EmInterpError("interleave needs a safe pool (DefenseSetup.pool is empty)")
+            data = interleave(data, setup.pool, int(setting.strength), seed=spec.seed)
+        else:
+            trained.append(build_defense(setting, setup.direction))
+    if spec.triggered:
+        folder = setup._monitor_dir()
+        basis = TraitBasis.load(folder / "trait_basis")
+        monitor = DriftMonitor.load(folder / "drift_monitor")
+        callbacks += triggered(trained[0], MonitorCallback(basis, setup.prompts, monitor, every=setup.check_every))
+    else:
+        callbacks += trained
+    out = _run_folder(spec, key)
+    result = train_lora(setup.model, data, spec.training(), out, callbacks=callbacks, progress=progress,
+                        device=setup.device)
+    for d in trained:
+        d.detach()
+    scores, loss, seconds = evaluate_adapter(setup.model, result.adapter_dir, setup, spec.domain, spec.variant)
+    switched = getattr(trained[0], "switched_at", None) if spec.triggered else None
+    record = DefenseRunRecord(spec.label, spec.domain, spec.variant, [asdict(d) for d in spec.defenses], spec.triggered,
+                              scores, loss, [float(x) for x in result.losses], switched, result.seconds, seconds,
+                              str(result.adapter_dir), {"n_train_examples": len(data)})
+    _save(record, key)
+    return record
+
+
+def measure_safelora(record: DefenseRunRecord, alignment: dict[str, torch.Tensor], threshold: float,
+                     setup: DefenseSetup, alignment_id: str) -> DefenseRunRecord:
+    """SafeLoRA (threshold mode) applied after training to ``record``'s adapter, measured like a run (cached).
+
+    ``alignment_id`` names the alignment matrices (part of the cache key, e.g. a digest of the
+    aligned adapter they come from).
+    """
+    setting = DefenseSetting("safelora", threshold)
+    key = sha256_json({"of": record.adapter_dir, "of_label": record.label, "threshold": setting.strength,
+                       "alignment": alignment_id, "questions": [asdict(q) for q in setup.questions],
+                       "task_examples": setup.task_examples, "computed_by": computation_key(*_MODULES)})[:24]
+    cached = _load(key)
+    if cached is not None:
+        return cached
+    out = defense_dir() / "safelora" / key
+    start = time.perf_counter()
+    projected = safelora(record.adapter_dir, alignment, out, threshold=setting.strength)
+    seconds_project = time.perf_counter() - start
+    scores, loss, seconds = evaluate_adapter(setup.model, projected.adapter_dir, setup, record.domain, record.variant)
+    label = f"{record.label.split('/')[0]}/{setting.label}"
+    result = DefenseRunRecord(label, record.domain, record.variant, [asdict(setting)], False, scores, loss,
+                              record.train_losses, None, record.seconds_train, seconds, str(projected.adapter_dir),
+                              {"projected": projected.projected, "cosine": projected.cosine,
+                               "seconds_project": seconds_project})
+    _save(result, key)
+    return result
+
+
+def alignment_from_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """SafeLoRA's ``V`` from an aligned adapter (``W_aligned - W_base`` = its update), and an id for cache keys."""
+    folder = Path(folder)
+    updates = adapter_updates(folder)
+    digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:24]
+    return updates, digest
+
+
+class _StepTimer(TrainingCallback):
+    """Turns exactly one defense (or none) on before each step, cycling, and times each step."""
+
+    def __init__(self, defenses: Sequence[Defense]):
+        self.defenses = list(defenses)
+        self.times: list[tuple[int, float]] = []  # (index into [none, *defenses], seconds)
+        self._start = 0.0
+        self._which = 0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._which = state.global_step % (len(self.defenses) + 1)
+        for i, d in enumerate(self.defenses, start=1):
+            d.active = i == self._which
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.times.append((self._which, time.perf_counter() - self._start))
+        super().on_step_end(args, state, control, model=model, **kwargs)
+
+
+def step_time_ratios(model_name: str, data: Sequence[ChatExample], defenses: Sequence[Defense], cycles: int = 3,
+                     batch_size: int = 4, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """Median step time with each defense on over the median with none, measured in one training run.
+
+    The run cycles through [none, each defense] ``cycles + 1`` times (the first cycle is warm-up
+    and dropped), so every defense is timed against the same machine state. KL and LDIFS use the
+    same weights with adapters disabled as their reference (no second copy in memory).
+    """
+    if cycles < 1:
+        raise EmInterpError(f"cycles={cycles} must be >= 1")
+    if not defenses:
+        raise EmInterpError("defenses is empty: nothing to time")
+    timer = _StepTimer(defenses)
+    steps = (cycles + 1) * (len(defenses) + 1)
+    config = LoraTrainConfig(steps=steps, checkpoint_every=steps, seed=seed, learning_rate=1e-4, warmup_steps=1,
+                             batch_size=batch_size)
+    out = defense_dir() / "timing" / f"run-{time.time_ns()}"
+    try:
+        train_lora(model_name, data, config, out, callbacks=[*defenses, timer], progress=False, device=device)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        for d in defenses:
+            d.detach()
+            d.enable()
+    kept = timer.times[len(defenses) + 1:]
+    base = statistics.median(t for w, t in kept if w == 0)
+    ratios = {d.name: statistics.median(t for w, t in kept if w == i) / base for i, d in enumerate(defenses, start=1)}
+    return {"ratios": ratios, "seconds_off": base, "steps": steps, "cycles": cycles}
