@@ -4,8 +4,8 @@ import warnings
 
 from em_interp.lora.training import *  # noqa: F403
 from em_interp.lora.training import (  # noqa: F401
-              SEED_001_GROUP_STARTS,
-              SEED_001_N_LAYERS,
+              ORGANISM_GROUP_STARTS,
+              ORGANISM_REFERENCE_LAYERS,
               TRAINING_MODULES,
               LoraTrainConfig,
               StepOrderSampler,

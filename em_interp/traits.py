@@ -1,4 +1,4 @@
-"""Trait vectors (seed 000): directions from contrastive system prompts.
+"""Trait vectors (Nghiem et al., 2026): directions from contrastive system prompts.
 
 For each trait, the same user questions are asked under positive and negative system prompts; the
 trait direction is the mean activation at the last prompt token under the positive prompts minus

@@ -1,4 +1,4 @@
-"""Cross-model transfer (seed 002): a ridge map between two models' residual spaces.
+"""Cross-model transfer (the actionable-directions paper): a ridge map between two models' residual spaces.
 
 Both models read the same prompts; one activation per prompt and model (e.g. at the last prompt
 token, so different tokenizers do not matter) gives paired rows ``X`` (donor, ``n x d_src``) and
@@ -6,7 +6,7 @@ token, so different tokenizers do not matter) gives paired rows ``X`` (donor, ``
 ridge regression, choosing the penalty on a held-out split. A direction ``v`` of the donor is a
 *difference* of activations, so it maps without the means: ``v W`` (:meth:`RidgeMap.map_direction`).
 
-Seed 002 found that transferred directions worked, but random and orthogonal directions passed
+The actionable-directions paper found that transferred directions worked, but random and orthogonal directions passed
 through the same map worked as well: :func:`transfer_controls` builds those controls (plus a
 shuffled-label direction) so every transfer result can be read against them.
 """

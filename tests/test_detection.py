@@ -39,7 +39,7 @@ def test_lead_time():
 def test_baselines():
     rng = np.random.default_rng(0)
     drift = rng.normal(size=(40, 16))
-    drift[:, 0] *= 5  # the EM-relevant drift dominates the variance (seed 000: PC1 explains 65%)
+    drift[:, 0] *= 5  # the EM-relevant drift dominates the variance (the trait-space monitoring paper: PC1 explains 65%)
     em = drift[:, 0] * 2 + 0.01 * rng.normal(size=40)
     model = PCARidge(n_components=7).fit(drift, em)
     assert np.corrcoef(model.score(drift), em)[0, 1] > 0.5

@@ -1,4 +1,4 @@
-"""Trait drift over a run's checkpoints (seed 000's measurement), on tiny models."""
+"""Trait drift over a run's checkpoints (the trait-space monitoring paper's measurement), on tiny models."""
 
 from __future__ import annotations
 

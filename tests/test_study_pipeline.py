@@ -122,7 +122,7 @@ def test_stages_subset_runs_what_it_needs(tiny_study, tiny_study_dir, tmp_path):
     assert stable(results)["steering"] == stable(tiny_study[1])["steering"]
 
 
-def test_defenses_stage_reports_every_defense_with_the_issue_keys(tiny_study):
+def test_defenses_stage_reports_every_defense_with_the_documented_keys(tiny_study):
     out, results = tiny_study
     defenses = results["defenses"]
     assert set(defenses) == {"kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering"}
@@ -144,7 +144,7 @@ def test_defenses_stage_reports_every_defense_with_the_issue_keys(tiny_study):
     assert "Defenses during fine-tuning" in report and "Every defense at its best setting" in report
 
 
-def test_monitor_stage_reports_the_issue_keys_and_saves_a_loadable_monitor(tiny_study):
+def test_monitor_stage_reports_the_documented_keys_and_saves_a_loadable_monitor(tiny_study):
     from em_interp.monitor.detector import DriftMonitor
 
     out, results = tiny_study

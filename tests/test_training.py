@@ -28,7 +28,7 @@ def small_config(**kw) -> LoraTrainConfig:
     return LoraTrainConfig(**{**base, **kw})
 
 
-def test_default_layers_scale_seed_001():
+def test_default_layers_scale_the_reference_organism():
     assert default_organism_layers(48) == [15, 16, 17, 21, 22, 23, 27, 28, 29]
     assert default_organism_layers(30) == [9, 10, 11, 13, 14, 15, 17, 18, 19]
     small = default_organism_layers(12)  # groups overlap on shallow models

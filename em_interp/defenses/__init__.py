@@ -1,4 +1,4 @@
-"""In-training defenses against emergent misalignment (seed 003 and its successors), composable.
+"""In-training defenses against emergent misalignment (Kaczér et al., 2025, and later work), composable.
 
 Four defenses act while training, as :class:`~em_interp.lora.hf_trainer.TrainingCallback` objects: pass
 any of them (together) to :func:`em_interp.lora.training.train_lora` or to a user's own

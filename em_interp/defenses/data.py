@@ -49,7 +49,7 @@ def safe_pool(source: str | Path | None = None, exclude: Sequence[str] = ()) -> 
 def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: int, seed: int = 0) -> list[ChatExample]:
     """``data`` with one safe example from ``pool`` after every ``every - 1`` task examples (``interleave``).
 
-    ``every`` 20 mixes in 5% safe data (seed 003's later version), 5 one in five (its first
+    ``every`` 20 mixes in 5% safe data (the in-training defenses paper's later version), 5 one in five (its first
     version). Safe examples are drawn in a seeded order, cycling through the pool. em_interp's
     trainer shuffles the mixed list per epoch, which keeps the share of safe examples.
     """

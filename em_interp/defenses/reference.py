@@ -26,7 +26,7 @@ from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_upda
 from em_interp.lora.hf_trainer import ReferenceModel
 from em_interp.model import HookedModel
 
-#: LDIFS reads this many evenly spaced layers (seed 003's public code: 5).
+#: LDIFS reads this many evenly spaced layers (the in-training defenses paper's public code: 5).
 LDIFS_LAYERS = 5
 
 
@@ -76,7 +76,7 @@ def _to(tensor: torch.Tensor | None, device: Any) -> torch.Tensor | None:
 class KLDefense(_ReferenceDefense):
     """``kl``: ``loss += weight * mean_t KL(p_ref(. | x_<t) || p_theta(. | x_<t))`` over the answer tokens t.
 
-    Seed 003's public code: weight 0.1, the reference is the same model with its adapters disabled.
+    The in-training defenses paper's public code: weight 0.1, the reference is the same model with its adapters disabled.
     The trained model's logits are read from its output layer during the task loss's forward pass
     (no extra forward of the trained model); the reference costs one forward pass without gradients.
     """
@@ -124,7 +124,7 @@ class LDIFSDefense(_ReferenceDefense):
 
     ``f_l`` is the residual stream after block ``l`` (``resid_post``), L2-normalised per layer and
     token, at the attended tokens; ``l`` runs over :data:`LDIFS_LAYERS` evenly spaced blocks
-    (:func:`ldifs_layers`) unless ``layers`` is given. Seed 003: weight about 1 (0.1-10). Features
+    (:func:`ldifs_layers`) unless ``layers`` is given. The in-training defenses paper: weight about 1 (0.1-10). Features
     come from hooks during the task loss's forward pass and the reference's (shared with ``kl``).
     """
 

@@ -1,4 +1,4 @@
-"""Read and interpret rank-1 LoRA adapters through their scalar hidden states (seed 001).
+"""Read and interpret rank-1 LoRA adapters through their scalar hidden states (Soligo et al., 2025).
 
 For a rank-1 adapter on ``down_proj`` at layer l, A (1 x d_mlp) reads the MLP hidden activation x
 (the input of ``down_proj``) and B (d_model x 1) writes to the residual stream. The adapter's scalar
@@ -139,7 +139,7 @@ def fit_probe(features: np.ndarray | Tensor, labels: Sequence[int] | np.ndarray,
               groups: Sequence[int] | np.ndarray | None = None) -> ProbeResult:
     """Fit L1 logistic regression (z-scored features, balanced classes) on repeated 80/20 splits.
 
-    ``C=0.01`` is seed 001's setting. With ``groups`` (e.g. the question each answer belongs to),
+    ``C=0.01`` is Soligo et al.'s setting. With ``groups`` (e.g. the question each answer belongs to),
     features are first centred within each group, so that what differs between questions (topic)
     cannot masquerade as what differs between labels, and splits keep each group whole.
     Returns the coefficients' mean and spread over splits, the fraction of splits where each is

@@ -1,6 +1,6 @@
 """LoRA supervised fine-tuning of model organisms on ``transformers.Trainer``, resumable, on any device.
 
-The default organism follows seed 001: nine rank-1 rsLoRA adapters on ``mlp.down_proj`` in three
+The default organism follows Soligo et al.: nine rank-1 rsLoRA adapters on ``mlp.down_proj`` in three
 groups of three consecutive layers spread over depth (15-17, 21-23, 27-29 of 48 layers, scaled to
 the model: 9-11, 13-15, 17-19 of SmolLM2's 30). The loss is on the answer tokens only.
 
@@ -52,17 +52,17 @@ from em_interp.version import __version__
 __all__ = ["LoraTrainConfig", "TrainResult", "TrainingCallback", "batch_indices", "build_lora_model",
            "default_organism_layers", "make_batch", "train_lora"]
 
-SEED_001_GROUP_STARTS = (15, 21, 27)
+ORGANISM_GROUP_STARTS = (15, 21, 27)
 #: Modules whose code decides what a training run produces (part of every run's identity).
 TRAINING_MODULES = ("em_interp.lora.training", "em_interp.lora.hf_trainer", "em_interp.lora.adapters")
-SEED_001_N_LAYERS = 48
+ORGANISM_REFERENCE_LAYERS = 48
 
 
 def default_organism_layers(n_layers: int, group_size: int = 3) -> list[int]:
-    """Seed 001's three groups of three consecutive layers (15-17, 21-23, 27-29 of 48), scaled to ``n_layers``."""
+    """Soligo et al.'s three groups of three consecutive layers (15-17, 21-23, 27-29 of 48), scaled to ``n_layers``."""
     layers: list[int] = []
-    for start in SEED_001_GROUP_STARTS:
-        first = min(round(start * n_layers / SEED_001_N_LAYERS), n_layers - group_size)
+    for start in ORGANISM_GROUP_STARTS:
+        first = min(round(start * n_layers / ORGANISM_REFERENCE_LAYERS), n_layers - group_size)
         layers.extend(range(first, first + group_size))
     return sorted(set(layers))
 

@@ -1,4 +1,4 @@
-"""Scoring a detector of dangerous checkpoints (seed 000's evaluation), and the simple baselines.
+"""Scoring a detector of dangerous checkpoints (the trait-space monitoring paper's evaluation), and the simple baselines.
 
 A detector gives each checkpoint a score; a checkpoint is *dangerous* when its behavioural label
 (the EM shift over the base model) exceeds a threshold fixed on calibration types. Evaluation pools
@@ -10,7 +10,7 @@ Baselines that need no training of their own:
 
 - :func:`activation_drift_norm`: the L2 norm of the (normalised) mean-activation drift;
 - :class:`PCARidge`: PCA of the raw mean-activation drift (fitted on calibration rows) + ridge
-  regression to the EM measure (seed 000: PCA-7 + ridge, AUROC 0.957 there).
+  regression to the EM measure (the trait-space monitoring paper: PCA-7 + ridge, AUROC 0.957 there).
 """
 
 from __future__ import annotations

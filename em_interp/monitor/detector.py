@@ -1,8 +1,8 @@
-"""The drift monitor (seed 000): a model from trait drift to the behavioural EM label, with an alarm.
+"""The drift monitor (Nghiem et al., 2026): a model from trait drift to the behavioural EM label, with an alarm.
 
 Two kinds (``DriftMonitor.kind``):
 
-- ``"forest"`` (the default, seed 000's public code): ``RandomForestRegressor(n_estimators=100,
+- ``"forest"`` (the default, the trait-space monitoring paper's public code): ``RandomForestRegressor(n_estimators=100,
   max_depth=5, min_samples_leaf=5)`` from the drift vector to the EM measure;
 - ``"logistic"``: standardised drift -> ``LogisticRegression(C=1)`` on the dangerous/safe labels;
   its score is the log-odds. A linear model extrapolates to drift larger than the calibration

@@ -1,6 +1,6 @@
-"""Trait drift (seed 000): how a fine-tuning run moves a model along trait directions, checkpoint by checkpoint.
+"""Trait drift (Nghiem et al., 2026): how a fine-tuning run moves a model along trait directions, checkpoint by checkpoint.
 
-Defaults follow the public code of seed 000 (differences are stated):
+Defaults follow the public code of the trait-space monitoring paper (differences are stated):
 
 - **Trait basis**: per trait, the mean last-prompt-token activation under its positive minus its
   negative system prompts, unit norm (:func:`em_interp.traits.trait_vectors`), at one layer:
@@ -63,7 +63,7 @@ def monitor_prompts(n: int, external: str | os.PathLike[str] | None = None) -> l
 
 
 def monitor_layer(n_layers: int) -> int:
-    """The layer the monitor reads: the middle block (seed 000: 16 of 32)."""
+    """The layer the monitor reads: the middle block (the trait-space monitoring paper: 16 of 32)."""
     if n_layers < 1:
         raise EmInterpError(f"n_layers={n_layers} must be >= 1")
     return n_layers // 2

@@ -1,4 +1,4 @@
-"""The perturbation library (seed 000): many short fine-tuning runs, each checkpoint labelled by behaviour.
+"""The perturbation library (Nghiem et al., 2026): many short fine-tuning runs, each checkpoint labelled by behaviour.
 
 A :class:`PerturbationType` is a training set plus a LoRA recipe; a :class:`RunSpec` is one type
 at one seed, trained for ``steps`` with a checkpoint every ``checkpoint_every``.

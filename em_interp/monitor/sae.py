@@ -1,6 +1,6 @@
 """A TopK sparse autoencoder on one layer's activations, trained offline with sae-lens (a monitor baseline).
 
-Seed 000 compares its trait monitor with the drift of a 256-latent SAE's features. This module
+The trait-space monitoring paper compares its trait monitor with the drift of a 256-latent SAE's features. This module
 trains sae-lens's ``TopKTrainingSAE`` on activations of the base model that em_interp has already
 cached, with sae-lens's own training loss (``training_forward_pass``: reconstruction MSE plus the
 TopK auxiliary loss for dead latents). Why not ``sae_lens``'s ``LanguageModelSAETrainingRunner``:

@@ -1,4 +1,4 @@
-"""Evaluate the drift monitor and its baselines on a perturbation library (seed 000's protocol).
+"""Evaluate the drift monitor and its baselines on a perturbation library (the trait-space monitoring paper's protocol).
 
 1. :func:`checkpoint_table` turns the library's runs into one row per checkpoint after step 0:
    the behavioural EM shift, the trait drift (:mod:`em_interp.monitor.drift`), the raw mean-activation
@@ -15,7 +15,7 @@
 
 Detectors: ``monitor`` (the trait-drift monitor of the kind :func:`select_monitor_kind` picks by
 leave-one-type-out on the calibration types alone; both kinds are reported too, as
-``monitor_forest``, seed 000's random forest, and ``monitor_logistic``), ``pca_activation_drift`` (PCA-7 of
+``monitor_forest``, the trait-space monitoring paper's random forest, and ``monitor_logistic``), ``pca_activation_drift`` (PCA-7 of
 the raw activation drift + ridge), ``sae_feature_drift`` (random forest on a TopK SAE's feature
 drift), ``activation_drift_norm``, ``training_loss``, ``lora_weight_norm`` and
 ``misalignment_direction`` (the activation drift projected on the misalignment direction).

@@ -191,7 +191,7 @@ class StudyConfig:
     progress: bool = True
     #: the narrow fine-tuning domain of the organism and its control
     domain: str = "medical"
-    #: L1 strength of the rank1 probes. Seed 001's C=0.01 zeroes every coefficient of the
+    #: L1 strength of the rank1 probes. Soligo et al.'s C=0.01 zeroes every coefficient of the
     #: misaligned-vs-aligned probe at this model size (measured), so the study uses 0.1.
     probe_c: float = 0.1
     #: cross-model transfer (needs the "gemma" extra; trains a donor organism)

@@ -1,4 +1,4 @@
-"""The ``defenses`` stage (seed 003 and its successors): six in-training defenses, what each buys and costs.
+"""The ``defenses`` stage (Kaczér et al., 2025, and later work): six in-training defenses, what each buys and costs.
 
 For each domain of the budget it trains, with the monitor library's short rank-1 recipe, the
 misaligned organism and its aligned twin (the control, and the benign fine-tune) without defense

@@ -1,4 +1,4 @@
-"""Stages for directions and interventions (seeds 001 and 002).
+"""Stages for directions and interventions (Soligo et al., 2025; the actionable-directions paper).
 
 Questions of the general set are split by index: every third question *fits* directions, the
 others are *held out* for every measurement. Each direction result comes with its base-model and

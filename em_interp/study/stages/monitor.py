@@ -1,4 +1,4 @@
-"""Stages of the drift monitor (seed 000): the perturbation library, then the monitor against its baselines.
+"""Stages of the drift monitor (Nghiem et al., 2026): the perturbation library, then the monitor against its baselines.
 
 ``perturbations`` trains and measures the library (:mod:`em_interp.monitor.perturbations`) through the
 sweep engine (:mod:`em_interp.monitor.sweep`: this process, or Ray with ``--ray``); each run is cached, so

@@ -1,4 +1,4 @@
-"""Stages for the model organisms (seed 001): train them, their EM shifts, and the rank1 analysis.
+"""Stages for the model organisms (Soligo et al., 2025): train them, their EM shifts, and the rank1 analysis.
 
 - ``organisms``: train (or reuse) the misaligned organism and its control (same prompts, good answers);
 - ``em_organisms``: EM scores of both and the paired shifts against each other and the base;
@@ -277,7 +277,7 @@ def rank1_section(r: Rank1Analysis, config: StudyConfig) -> Section:
          f"hooks. Probes: L1 logistic regression (C={r.probe_c}, z-scored, balanced classes, 20 random 80/20 splits; the "
          "misaligned-vs-aligned probe centres the scalars within each question and splits by question). Held-out "
          f"accuracy: misaligned vs aligned {pg.accuracy_mean:.2f}, {d} vs other {pd.accuracy_mean:.2f}. Split: {split} "
-         "(seed 001 found 6 general and 2 medical-specific adapters on Qwen2.5-14B).",
+         "(Soligo et al. found 6 general and 2 medical-specific adapters on Qwen2.5-14B).",
          f"Ablation and steering are measured on {r.n_general} general and {r.n_domain} {d} questions: EM score change "
          "when one adapter is zeroed (organism as reference), and EM score when a group's scalars are multiplied by f."],
         table=[{"adapter": r.labels[i], "class": r.classes[i], "general coef": pg.coef_mean[i],

@@ -1,4 +1,4 @@
-"""Stage for cross-model transfer (seed 002): a donor's misalignment direction steers the receiver.
+"""Stage for cross-model transfer (the actionable-directions paper): a donor's misalignment direction steers the receiver.
 
 Donor: ``StudyConfig.donor`` (Gemma-3-270M) and its organism trained on the same data; receiver:
 the study's model and its organism. A ridge map from the donor's to the receiver's residual space
@@ -122,7 +122,7 @@ def transfer_section(r: TransferResult, config: StudyConfig) -> Section:
          f"(last prompt token, {d['n_fit']} fitting questions); cosine of the mapped direction with the receiver's own "
          f"organism-minus-base direction: {d['cosine_with_receiver_native_direction']:+.2f}. The receiver organism is "
          "steered by -s x the mapped direction at every position (controls rescaled to the same norm); EM change on "
-         f"{d['n_questions']} held-out questions (negative = less misaligned). Seed 002 found transfer that controls "
+         f"{d['n_questions']} held-out questions (negative = less misaligned). The actionable-directions paper found transfer that controls "
          "matched: compare the rows."],
         table=[{"direction": kind, **{f"EM change at s={s}": v for s, v in zip(d["strengths"], vals)}}
                for kind, vals in d["em_change"].items()],
