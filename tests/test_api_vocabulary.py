@@ -151,3 +151,20 @@ def test_feature_subpackages_import_first_in_a_fresh_interpreter_without_depreca
         done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {name}"],
                               capture_output=True, text=True)
         assert done.returncode == 0, (name, done.stderr[-2000:])
+
+
+def test_the_runner_and_the_stages_share_a_contract_and_do_not_import_each_other():
+    import ast
+    from pathlib import Path
+
+    study = Path(__file__).resolve().parents[1] / "em_interp" / "study"
+
+    def imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not {m for m in imports(study / "runner.py") if m.startswith("em_interp.study.stages")}
+    assert not {m for m in imports(study / "contract.py") if m.startswith(("em_interp.study.stages", "em_interp.study.runner"))}
+    for stage_module in (study / "stages").glob("*.py"):
+        assert "em_interp.study.runner" not in imports(stage_module), stage_module.name

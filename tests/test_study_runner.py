@@ -21,8 +21,8 @@ from em_interp.study import (
     plan_stages,
     run_study,
 )
+from em_interp.study.contract import NO_RESTORE, Headline
 from em_interp.study.records import decode, encode, record_type
-from em_interp.study.runner import NO_RESTORE, Headline
 
 
 @record_type

@@ -1,12 +1,14 @@
 """Run a plan of stages: check it whole, reuse finished stages, write each result as it ends.
 
-A :class:`Stage` declares the artefacts it ``needs`` and ``provides`` (names of
+The runner knows stages only through their contract (:mod:`em_interp.study.contract`) and imports
+none of them: the stages to run are an argument (:func:`em_interp.study.run_study` passes the default
+pipeline). A :class:`~em_interp.study.contract.Stage` declares the artefacts it ``needs`` and ``provides`` (names of
 :class:`~em_interp.study.context.StudyContext` attributes), computes a typed result with ``run``,
 restores its artefacts from a stored result with ``restore``, and turns a result into its report
 section (``section``), its results.json entries (``entries``) and its summary lines
 (``headlines``) with pure functions: the report and the figures are rebuilt from stage files alone.
 
-:func:`run_study` checks the whole plan before running anything, then, stage by stage, reuses the
+:func:`run_stages` checks the whole plan before running anything, then, stage by stage, reuses the
 stored result when its inputs are unchanged (its key: the study identity, the code, and the
 digests of the stages it depends on) or runs it and writes its file at once. A study killed in
 stage k resumes at k. ``results.json`` and ``report.html`` are assembled from the stage files.
@@ -19,10 +21,9 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,49 +33,9 @@ from em_interp.provenance import library_versions, package_code_hash
 from em_interp.report import Section, write_report
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext, StudyPlanError, artefact_names
+from em_interp.study.contract import Headline, Stage
 from em_interp.study.records import StageFileError, StageRecord, StageStore
 from em_interp.version import __version__
-
-R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class Headline:
-    """One line of the report's summary: a number with its 95% CI where it has one."""
-
-    label: str
-    value: float | str
-    ci: tuple[float, float] | None = None
-    unit: str = ""
-
-    def text(self) -> str:
-        """The value (and CI) as the summary prints it."""
-        if isinstance(self.value, str):
-            return self.value
-        ci = f" [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]" if self.ci is not None else ""
-        return f"{self.value:+.3f}{ci}{(' ' + self.unit) if self.unit else ''}"
-
-
-@dataclass(frozen=True)
-class Stage(Generic[R]):
-    """One step of the study. See the module docstring for the contract of each function."""
-
-    name: str
-    group: str
-    needs: tuple[str, ...]
-    provides: tuple[str, ...]
-    run: Callable[[StudyContext], R]
-    restore: Callable[[StudyContext, R], None]
-    section: Callable[[R, StudyConfig], Section]
-    entries: Callable[[R], dict[str, Any]]
-    headlines: Callable[[R], list[Headline]] = field(default=lambda result: [])
-
-
-def _no_restore(ctx: StudyContext, result: Any) -> None:
-    """For stages that provide nothing."""
-
-
-NO_RESTORE = _no_restore
 
 
 def plan_stages(stages: Sequence[Stage[Any]], selected: Sequence[str] | None = None) -> list[Stage[Any]]:
@@ -142,18 +103,14 @@ def _log(config: StudyConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_study(config: StudyConfig, stages: Sequence[Stage[Any]] | None = None, only: Sequence[str] | None = None,
-              force: bool = False) -> dict[str, Any]:
+def run_stages(config: StudyConfig, stages: Sequence[Stage[Any]], only: Sequence[str] | None = None,
+               force: bool = False) -> dict[str, Any]:
     """Run (or resume) the study; write the stage files, ``results.json`` and ``report.html``.
 
-    ``stages`` defaults to :func:`em_interp.study.stages.default_stages`; ``only`` runs those
-    stages and what they need; ``force`` discards the stage files of another study in ``config.out``.
+    ``stages`` is the pipeline (:func:`em_interp.study.stages.default_stages` for the EM study); ``only`` runs
+    those stages and what they need; ``force`` discards the stage files of another study in ``config.out``.
     Returns the results.json content.
     """
-    if stages is None:
-        from em_interp.study.stages import default_stages
-
-        stages = default_stages()
     plan = plan_stages(stages, only)
     deps = dependencies(stages)
     store = StageStore(config.out, config.identity(), force=force)

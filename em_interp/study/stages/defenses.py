@@ -52,8 +52,8 @@ from em_interp.monitor.sweep import run_sweep, shutdown_local_ray
 from em_interp.report import Section
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
+from em_interp.study.contract import NO_RESTORE, Headline, Stage
 from em_interp.study.records import record_type
-from em_interp.study.runner import NO_RESTORE, Headline, Stage
 
 #: the target of the defenses issue: EM reduction >= 80% at a task-loss rise <= 10%
 TARGET_REDUCTION, TARGET_COST = 0.8, 0.10

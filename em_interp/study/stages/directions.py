@@ -43,8 +43,8 @@ from em_interp.report import Section
 from em_interp.study.common import cached_residuals, eval_questions, split_questions, subset_scores
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
+from em_interp.study.contract import NO_RESTORE, Headline, Stage
 from em_interp.study.records import record_type
-from em_interp.study.runner import NO_RESTORE, Headline, Stage
 from em_interp.traits import trait_vectors
 
 ROLES = ("organism", "control", "base")

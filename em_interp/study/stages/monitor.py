@@ -48,8 +48,8 @@ from em_interp.monitor.sweep import run_sweep, shutdown_local_ray
 from em_interp.report import Section
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
+from em_interp.study.contract import Headline, Stage
 from em_interp.study.records import StageFileError, record_type
-from em_interp.study.runner import Headline, Stage
 
 record_type(RunRecord)
 record_type(DriftLibrary)

@@ -34,8 +34,8 @@ from em_interp.report import Section
 from em_interp.study.common import domain_eval_questions, eval_questions
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import Lazy, StudyContext
+from em_interp.study.contract import NO_RESTORE, Headline, Stage
 from em_interp.study.records import StageFileError, record_type
-from em_interp.study.runner import NO_RESTORE, Headline, Stage
 
 record_type(ProbeResult)
 ROLES = ("organism", "control")

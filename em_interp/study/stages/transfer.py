@@ -33,8 +33,8 @@ from em_interp.report import Section
 from em_interp.study.common import cached_residuals, eval_questions, split_questions
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
+from em_interp.study.contract import NO_RESTORE, Headline, Stage
 from em_interp.study.records import record_type
-from em_interp.study.runner import NO_RESTORE, Headline, Stage
 from em_interp.transfer import fit_ridge_map, transfer_controls
 
 #: Python package of each donor model's GGUF (the "gemma" extra).

@@ -17,8 +17,8 @@ from em_interp.report import Section
 from em_interp.study.common import eval_questions
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import Lazy, StudyContext
+from em_interp.study.contract import NO_RESTORE, Headline, Stage
 from em_interp.study.records import record_type
-from em_interp.study.runner import NO_RESTORE, Headline, Stage
 
 #: General chat examples for the caching stage (the answers are plain and aligned).
 SMOKE_EXAMPLES: tuple[ChatExample, ...] = (
