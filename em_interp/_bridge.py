@@ -47,7 +47,7 @@ def boot(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    config = hf_model.config
+    config: Any = hf_model.config
     if not getattr(config, "architectures", None):
         # Models loaded from a GGUF file or built from a config may lack this field, which the
         # bridge uses to choose its architecture adapter.
@@ -88,7 +88,7 @@ def thread_kv_cache(bridge: Any) -> int:
                 kwargs["past_key_values"] = kwargs["cache"]
             return _original(k, v, **kwargs)
 
-        module._update_kv_cache = update
+        setattr(module, "_update_kv_cache", update)  # noqa: B010 (an instance attribute shadowing the method)
         module._em_interp_cache_threaded = True
         wrapped += 1
     return wrapped

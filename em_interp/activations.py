@@ -329,7 +329,8 @@ def cache_residuals(
                 if counts is not None:
                     memory_counts.append(counts)
                 continue
-            shard = {"file": f"shard-{start // shard_size:05d}.safetensors", "start": start, "stop": end}
+            shard: dict[str, int | str] = {"file": f"shard-{start // shard_size:05d}.safetensors", "start": start,
+                                           "stop": end}
             tensors = {f"layer.{layer}": rows[layer].contiguous() for layer in layer_list}
             if counts is not None:
                 tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ SIDECAR_SUFFIX = ".json"
 RESERVED = ("format", "format_version", "package_version")
 
 
-def artifact_paths(path: str | Path) -> tuple[Path, Path]:
+def artifact_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(tensor file, sidecar)`` of the artefact at ``path`` (suffixes appended, never replaced)."""
     path = Path(path)
     if path.suffix in (TENSORS_SUFFIX, SIDECAR_SUFFIX):
@@ -43,7 +44,7 @@ def artifact_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_name(path.name + TENSORS_SUFFIX), path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def save_artifact(path: str | Path, kind: str, tensors: Mapping[str, Tensor], fields: Mapping[str, Any],
+def save_artifact(path: str | os.PathLike[str], kind: str, tensors: Mapping[str, Tensor], fields: Mapping[str, Any],
                   version: int = 1) -> Path:
     """Write the artefact ``kind`` (e.g. ``"direction"``) at ``path``; return ``path`` without suffix.
 
@@ -60,7 +61,7 @@ def save_artifact(path: str | Path, kind: str, tensors: Mapping[str, Tensor], fi
     return tensor_path.with_suffix("")
 
 
-def load_artifact(path: str | Path, kind: str, required: Sequence[str] = (), tensors: Sequence[str] = (),
+def load_artifact(path: str | os.PathLike[str], kind: str, required: Sequence[str] = (), tensors: Sequence[str] = (),
                   version: int = 1) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read the artefact ``kind`` at ``path``: ``(tensors, sidecar fields)``.
 
@@ -100,7 +101,7 @@ def load_artifact(path: str | Path, kind: str, required: Sequence[str] = (), ten
     return arrays, {k: v for k, v in meta.items() if k not in RESERVED}
 
 
-def sidecar_field(meta: Mapping[str, Any], name: str, kind: type, source: str | Path) -> Any:
+def sidecar_field(meta: Mapping[str, Any], name: str, kind: type, source: str | os.PathLike[str]) -> Any:
     """``meta[name]`` as ``kind`` (int, float or str); a wrong type or a non-finite float is an error naming ``source``."""
     value = meta.get(name)
     if kind is float:

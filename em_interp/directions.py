@@ -20,6 +20,7 @@ from torch import Tensor
 
 from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, sidecar_field
 from em_interp.errors import EmInterpError
+from em_interp.options import HOOKS
 
 Vector = Float[Tensor, " d_model"]
 Acts = Float[Tensor, "n d_model"]
@@ -54,8 +55,9 @@ class Direction:
 
     def check_fits(self, model: Any) -> None:
         """Raise unless this direction's width, layer and model match ``model`` (a HookedModel)."""
-        if self.vector.numel() != model.d_model:
-            raise EmInterpError(f"direction has width {self.vector.numel()}, but {model.name} has d_model {model.d_model}")
+        width = model.site_width(self.hook) if self.hook in HOOKS else model.d_model
+        if self.vector.numel() != width:
+            raise EmInterpError(f"direction has width {self.vector.numel()}, but {model.name}'s {self.hook} is {width} wide")
         model.check_layer(self.layer, "direction.layer")
         if self.model and self.model != model.name:
             raise EmInterpError(f"direction was made on model {self.model!r}, not {model.name!r}")

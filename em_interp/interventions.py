@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -39,12 +39,13 @@ def _unit(vector: Tensor) -> Tensor:
     return v / norm
 
 
-def ablation_hook(directions: Sequence[Vector], reference: Vector | None = None) -> HookFn:
+def ablation_hook(directions: Sequence[Vector], reference: Vector | None = None, strength: float = 1.0) -> HookFn:
     """A hook that projects the span of ``directions`` out of the activation.
 
     With ``reference`` (an activation vector, e.g. a mean activation of another model or dataset),
     the component along the span is set to the reference's component instead of zero ("mean
-    ablation"): ``h - ((h - reference) Q) Q^T``.
+    ablation"): ``h - ((h - reference) Q) Q^T``. ``strength`` in (0, 1] removes that fraction of the
+    component (``h - s ((h - reference) Q) Q^T``; CAFT's partial ablation).
     """
     q = _orthonormal(directions)
     ref = None if reference is None else torch.as_tensor(reference, dtype=torch.float32).flatten()
@@ -54,8 +55,20 @@ def ablation_hook(directions: Sequence[Vector], reference: Vector | None = None)
 
     def hook(tensor: Tensor, *, hook: Any) -> Tensor:
         basis = q.to(tensor.device, tensor.dtype)
-        out = tensor - (tensor @ basis) @ basis.T
-        return out if kept is None else out + kept.to(tensor.device, tensor.dtype)
+        if strength == 1.0:
+            out = tensor - (tensor @ basis) @ basis.T
+            return out if kept is None else out + kept.to(tensor.device, tensor.dtype)
+        out = tensor - strength * (tensor @ basis) @ basis.T
+        return out if kept is None else out + strength * kept.to(tensor.device, tensor.dtype)
+
+    return hook
+
+
+def gated(fn: HookFn, on: Callable[[], bool]) -> HookFn:
+    """``fn`` while ``on()`` is true, the activation unchanged otherwise (the defenses: training passes only)."""
+
+    def hook(tensor: Tensor, *, hook: Any) -> Tensor:
+        return fn(tensor, hook=hook) if on() else tensor
 
     return hook
 
@@ -95,24 +108,33 @@ def _as_vectors(model: HookedModel, directions: Direction | Tensor | Sequence[Di
     items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
     if not items:
         raise EmInterpError("directions is empty")
-    return [_as_vector(model, d, hook) for d in items]
+    return [_as_vector(model, cast(Direction | Tensor, d), hook) for d in items]
 
 
-def _site(directions: Direction | Tensor | Sequence[Direction | Tensor], hook: str | None) -> str:
+def _site(directions: Direction | Tensor | Sequence[Direction | Tensor], hook: Hook | None) -> Hook:
     """The hook site to act at: ``hook`` if given, else the directions' own (default ``resid_post``)."""
     if hook is not None:
         return hook
     items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
-    sites = {d.hook for d in items if isinstance(d, Direction)}
+    sites = {cast(Hook, d.hook) for d in items if isinstance(d, Direction)}
     if len(sites) > 1:
         raise EmInterpError(f"directions were made at different hook sites {sorted(sites)}; pass hook= explicitly")
     return sites.pop() if sites else "resid_post"
 
 
+#: a unit direction whose component outside the span of the earlier ones is shorter than this adds nothing
+SPAN_TOLERANCE = 1e-4
+
+
 def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
-    """An orthonormal basis (d_model, k) of the span of ``vectors``."""
-    q, _ = torch.linalg.qr(torch.stack([_unit(v) for v in vectors]).T)
-    return q
+    """An orthonormal basis (d_model, k) of the span of ``vectors`` (k <= len(vectors)).
+
+    A direction that lies in the span of the earlier ones (a repeat, or a combination) adds no column:
+    QR would otherwise complete the basis with an arbitrary direction, and ablating ``[d, d]`` would
+    remove ``d`` plus something else.
+    """
+    q, r = torch.linalg.qr(torch.stack([_unit(v) for v in vectors]).T)
+    return q[:, r.diagonal().abs() > SPAN_TOLERANCE]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -224,9 +224,9 @@ def resolve_spec(spec: str | os.PathLike[str], allow_network: bool | None = None
                 "folder or GGUF file"
             )
         return ResolvedSpec(text, text, "hub")
-    known = ", ".join(sorted(KNOWN_MODELS))
+    names = ", ".join(sorted(KNOWN_MODELS))
     raise ModelLoadError(
-        f"unknown model {text!r}. Known names: {known}. To load another model pass the path of a local "
+        f"unknown model {text!r}. Known names: {names}. To load another model pass the path of a local "
         "Hugging Face folder or of a .gguf file (or a hub id with allow_network=True)"
     )
 
@@ -300,7 +300,7 @@ def load_hf(resolved: ResolvedSpec, dtype: torch.dtype, device: str, progress: b
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if device != "auto":
-        model.to(device)
+        cast(Any, model).to(device)
     model.eval()
     return model, tokenizer
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -293,7 +293,7 @@ class HookedModel:
             kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
             if temperature > 0:
                 kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-            out = self.hf_model.generate(
+            out = cast(Any, self.hf_model).generate(
                 input_ids=batch.input_ids.to(self.device),
                 attention_mask=batch.attention_mask.to(self.device),
                 pad_token_id=tok.pad_token_id,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 
 
-def line_by_layer(layers: Sequence[int], series: dict[str, Sequence[float]], title: str, y_title: str) -> go.Figure:
+def line_by_layer(layers: Sequence[float], series: dict[str, Sequence[float]], title: str, y_title: str) -> go.Figure:
     """One line per named series over layer indices."""
     fig = go.Figure()
     for name, values in series.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
@@ -20,6 +21,7 @@ from em_interp.data.build import SOURCE
 from em_interp.directions import Direction, diff_of_means
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
+from em_interp.options import Hook
 
 CORE_TRAITS: tuple[str, ...] = ("honesty", "sycophancy", "harmlessness", "power_seeking", "helpfulness",
                                 "confidence", "corrigibility")
@@ -46,7 +48,7 @@ def _parse_traits(data: object, source: str) -> dict[str, TraitSpec]:
         for label, prompts in (("positive_system_prompts", pos), ("negative_system_prompts", neg)):
             if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
                 raise EmInterpError(f"{source}: trait {name!r} needs a non-empty list '{label}'")
-        out[str(name)] = TraitSpec(str(name), tuple(pos), tuple(neg), str(spec.get("description", "")))
+        out[str(name)] = TraitSpec(str(name), tuple(cast(list, pos)), tuple(cast(list, neg)), str(spec.get("description", "")))
     return out
 
 
@@ -61,7 +63,7 @@ def builtin_traits() -> dict[str, TraitSpec]:
 
 
 def trait_vectors(model: HookedModel, questions: Sequence[str], layer: int,
-                  traits: Mapping[str, TraitSpec] | None = None, hook: str = "resid_post",
+                  traits: Mapping[str, TraitSpec] | None = None, hook: Hook = "resid_post",
                   batch_size: int = 8, progress: bool = False) -> dict[str, Direction]:
     """One unit-normed direction per trait at ``layer``, from the last prompt token over ``questions``."""
     traits = builtin_traits() if traits is None else traits

@@ -33,6 +33,7 @@ from em_interp.directions import (
 )
 from em_interp.errors import EmInterpError
 from em_interp.model import HookedModel
+from em_interp.options import Reduction
 
 #: Penalties tried, as multiples of the mean squared singular value of the centred donor data.
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -151,7 +152,7 @@ def fit_ridge_map(src: Float[Tensor, "n d_src"], dst: Float[Tensor, "n d_dst"], 
 
 
 def paired_activations(src_model: HookedModel, dst_model: HookedModel, examples: Sequence[ChatExample], src_layer: int,
-                       dst_layer: int, reduction: str = "last_prompt", batch_size: int = 8,
+                       dst_layer: int, reduction: Reduction = "last_prompt", batch_size: int = 8,
                        progress: bool = False) -> tuple[Tensor, Tensor]:
     """One activation per example from each model (same examples, same order) at the given layers."""
     src = cache_residuals(src_model, examples, layers=[src_layer], reduction=reduction, batch_size=batch_size,

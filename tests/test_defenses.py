@@ -359,3 +359,27 @@ def test_budget_refuses_bad_defense_strengths():
             replace(Budget.quick(), defense_strengths=strengths)
     with pytest.raises(EmInterpError, match="defense_domains"):
         replace(Budget.quick(), defense_domains=("cooking",))
+
+
+def test_repeated_or_dependent_directions_ablate_only_their_span(tiny_models):
+    from em_interp.interventions import ablation_hook
+
+    g = torch.Generator().manual_seed(0)
+    d, e = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    h = torch.randn(2, 3, 8, generator=g)
+    once = ablation_hook([d])(h, hook=None)
+    assert torch.allclose(ablation_hook([d, d])(h, hook=None), once, atol=1e-6)
+    assert torch.allclose(ablation_hook([d, -2 * d])(h, hook=None), once, atol=1e-6)
+    both = ablation_hook([d, e])(h, hook=None)
+    assert torch.allclose(ablation_hook([d, e, d + e])(h, hook=None), both, atol=1e-5)
+    assert not torch.allclose(both, once, atol=1e-3)
+    half = ablation_hook([d], strength=0.5)(h, hook=None)
+    assert torch.allclose(half, (h + once) / 2, atol=1e-6)
+
+
+def test_a_direction_of_the_wrong_width_for_its_site_is_refused_before_training(tiny_models):
+    model = tiny_models["llama"]
+    wide = Direction(torch.ones(model.d_model), layer=1, hook="mlp_post", model=model.name)
+    with pytest.raises(EmInterpError, match="mlp_post is .* wide"):
+        wide.check_fits(model)
+    Direction(torch.ones(model.site_width("mlp_post")), layer=1, hook="mlp_post", model=model.name).check_fits(model)

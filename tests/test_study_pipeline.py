@@ -101,7 +101,7 @@ def test_rerun_reuses_every_stage_and_loads_no_model(tiny_study, tiny_study_dir,
         raise AssertionError("a rerun with unchanged inputs loaded a model")
 
     monkeypatch.setattr(em_interp.model, "load_model", no_loading)
-    for module in ("base", "organisms", "transfer"):
+    for module in ("base_model", "organisms", "transfer"):
         monkeypatch.setattr(f"em_interp.study.stages.{module}.load_model", no_loading)
     again = run_study(tiny_config(out, tiny_study_dir))
     assert again["study"]["ran_this_time"] == [] and stable(again) == stable(expected)

@@ -60,8 +60,9 @@ class Defense(TrainingCallback):
         return {"name": self.name, "strength": self.strength}
 
     # hooks live from the start of training to its end (and are removed by detach() after an error)
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        super().on_train_begin(args, state, control, model=model, **kwargs)
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
+                       **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, model=model, processing_class=processing_class, **kwargs)
         self.detach()
         self._stack = contextlib.ExitStack()
         try:

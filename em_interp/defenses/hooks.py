@@ -6,14 +6,15 @@ Part of :mod:`em_interp.defenses` (see its docstring).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 
 from em_interp.defenses.base import Defense, check_strength  # noqa: F401
 from em_interp.directions import Direction
 from em_interp.errors import EmInterpError
+from em_interp.interventions import ablation_hook, gated, steering_hook
 from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
     WEIGHTS,
     adapter_tensors,
@@ -23,6 +24,7 @@ from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_upda
     read_adapter,
 )
 from em_interp.model import HookedModel
+from em_interp.options import Hook
 
 
 def _checked_direction(model: HookedModel, direction: Direction, layer: int | None, argument: str) -> Direction:
@@ -43,7 +45,7 @@ def _directions(directions: Direction | Sequence[Direction], argument: str) -> l
     for d in items:
         if not isinstance(d, Direction):
             raise EmInterpError(f"{argument} must hold em_interp Directions, got {type(d).__name__}")
-    return items
+    return cast(list[Direction], items)
 
 
 class AblateDirection(Defense):
@@ -71,17 +73,11 @@ class AblateDirection(Defense):
             by_site.setdefault((d.layer, d.hook), []).append(d.unit)
         training = model.hf_model
 
-        def make(vectors: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
-            q, _ = torch.linalg.qr(torch.stack(vectors).T)
+        def on() -> bool:
+            return self.active and training.training
 
-            def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-                if not (self.active and training.training):
-                    return tensor
-                basis = q.to(tensor.device, tensor.dtype)
-                return tensor - self.strength * (tensor @ basis) @ basis.T
-            return hook
-
-        stack.enter_context(model.hooks([(model.hook_name(layer, site), make(v))  # type: ignore[arg-type]
+        stack.enter_context(model.hooks([(model.hook_name(layer, cast(Hook, site)),
+                                          gated(ablation_hook(v, strength=self.strength), on))
                                          for (layer, site), v in by_site.items()]))
 
 
@@ -103,14 +99,12 @@ class PreventativeSteering(Defense):
 
     def attach(self, model: HookedModel, stack: contextlib.ExitStack) -> None:
         d = _checked_direction(model, self.direction, self.layer, "PreventativeSteering(direction=)")
-        vector = d.vector.float()
         training = model.hf_model
 
-        def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-            if not (self.active and training.training):
-                return tensor
-            return tensor + self.strength * vector.to(tensor.device, tensor.dtype)
+        def on() -> bool:
+            return self.active and training.training
 
-        stack.enter_context(model.hooks([(model.hook_name(d.layer, d.hook), hook)]))  # type: ignore[arg-type]
+        stack.enter_context(model.hooks([(model.hook_name(d.layer, cast(Hook, d.hook)),
+                                          gated(steering_hook(d.vector.float(), self.strength), on))]))
 
 

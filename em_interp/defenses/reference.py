@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class KLDefense(_ReferenceDefense):
 
     def attach(self, model: HookedModel, stack: contextlib.ExitStack) -> None:
         super().attach(model, stack)
-        head = model.hf_model.get_output_embeddings()
+        head = cast(Any, model.hf_model).get_output_embeddings()
 
         def keep(module: Any, inputs: Any, output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and self.active:  # the training pass (the reference runs without gradients)
@@ -139,7 +139,7 @@ class LDIFSDefense(_ReferenceDefense):
         self._theta: dict[int, torch.Tensor] = {}
         self._ref: dict[int, torch.Tensor] = {}
 
-    def _capture(self, store_theta: bool | None) -> Callable[..., torch.Tensor]:
+    def _capture(self, store_theta: bool | None) -> Callable[[int], Callable[..., torch.Tensor]]:
         def fn(layer: int) -> Callable[..., torch.Tensor]:
             def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
                 grad = torch.is_grad_enabled()
@@ -183,7 +183,7 @@ class LDIFSDefense(_ReferenceDefense):
         ref, self._ref = self._ref, {}
         mask = batch.get("attention_mask")
         mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask.bool()
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for layer in theta:
             a = F.normalize(theta[layer].float(), dim=-1)
             b = F.normalize(ref[layer].float().to(a.device), dim=-1)

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
@@ -101,7 +102,7 @@ def safelora(adapter: str | Path, alignment: Mapping[str, torch.Tensor], out_dir
     if top_k is not None:
         chosen = sorted(cosine, key=cosine.get)[: int(top_k)]  # type: ignore[arg-type]
     else:
-        chosen = [m for m in cosine if cosine[m] <= threshold]
+        chosen = [m for m in cosine if cosine[m] <= cast(float, threshold)]
     folder = Path(adapter)
     tensors = {k: v.clone() for k, v in adapter_tensors(folder).items()}
     for module in chosen:

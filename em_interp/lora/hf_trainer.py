@@ -32,7 +32,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import TrainerCallback
@@ -72,7 +72,7 @@ def hooked_model(model: Any, tokenizer: Any = None, name: str | None = None) -> 
         raise EmInterpError("booting the hooks on the Trainer's model needs its tokenizer (pass processing_class=)")
     from em_interp.model import wrap_hf
 
-    hf = model.base_model.model
+    hf = cast(torch.nn.Module, model.base_model.model)
     model_id = name or str(getattr(hf.config, "_name_or_path", "") or type(hf).__name__)
     hooked = wrap_hf(hf, tokenizer, model_id, {"source": "trainer", "location": model_id, "adapter": "training",
                                                "dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
@@ -189,7 +189,7 @@ class TrainingCallback(TrainerCallback):
         if loss is not None:  # em_interp's trainer (the mixin) measured this step's task loss
             self.on_step(self._hooked_of(model), int(state.global_step), float(loss))
         else:  # a plain Trainer logs the loss after this event: report the step when it does
-            self._pending = (int(state.global_step), model)
+            self._pending: tuple[int, Any] | None = (int(state.global_step), model)
         self._apply_stop(control)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, model: Any = None,
@@ -249,7 +249,13 @@ class _Dispatch(TrainerCallback):
             raise EmInterpError(f"training loss became {loss} at step {state.global_step}; lower the learning rate")
 
 
-class EmInterpTrainerMixin:
+if TYPE_CHECKING:  # the mixin is only ever combined with a Trainer class: type it as one
+    from transformers import Trainer as _TrainerBase
+else:
+    _TrainerBase = object
+
+
+class EmInterpTrainerMixin(_TrainerBase):
     """Mix into any ``transformers.Trainer`` subclass (see :func:`with_em_interp`).
 
     Adds: the hooked view of the model for callbacks; loss terms from :class:`TrainingCallback`
@@ -300,7 +306,7 @@ class EmInterpTrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         if not self.args.should_save:
             return
-        save_adapter(self.em_interp_hooked, output_dir or self.args.output_dir)
+        save_adapter(self.em_interp_hooked, output_dir or str(self.args.output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         load_adapter_weights(self.em_interp_hooked, resume_from_checkpoint)
@@ -308,7 +314,7 @@ class EmInterpTrainerMixin:
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            folder = Path(str(self.args.output_dir)) / f"checkpoint-{self.state.global_step}"
             atomic_write_json(folder / CHECKPOINT_MARKER, {"step": self.state.global_step,
                                                            "identity": self.em_interp_identity,
                                                            "losses": self.em_interp_losses})

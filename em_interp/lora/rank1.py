@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import plotly.graph_objects as go
@@ -26,8 +27,9 @@ from torch import Tensor
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.errors import EmInterpError
-from em_interp.lora.adapters import lora_parameters, parse_module_name
+from em_interp.lora.adapters import ModuleName, lora_parameters, parse_module_name
 from em_interp.model import HookedModel
+from em_interp.options import Reduction
 from em_interp.validate import finite_number
 
 Scalars = Float[Tensor, "examples coordinates"]
@@ -93,7 +95,7 @@ class AdapterScalars:
     adapters: tuple[AdapterInfo, ...]
 
 
-def adapter_scalars(model: HookedModel, examples: Sequence[ChatExample], reduction: str = "answer_mean",
+def adapter_scalars(model: HookedModel, examples: Sequence[ChatExample], reduction: Reduction = "answer_mean",
                     batch_size: int = 8, progress: bool = False) -> AdapterScalars:
     """Read every adapter's scalar hidden state ``(A . x) * scale`` on ``examples``, reduced per example.
 
@@ -107,7 +109,8 @@ def adapter_scalars(model: HookedModel, examples: Sequence[ChatExample], reducti
     layers = sorted({a.layer for a in adapters})
     cache = cache_residuals(model, examples, layers=layers, hook="mlp_post", reduction=reduction,
                             batch_size=batch_size, progress=progress)
-    columns, blocks = [], []
+    columns: list[str] = []
+    blocks: list[Tensor] = []
     for a in adapters:
         blocks.append(cache[a.layer] @ a.A.T.float() * a.scale)
         columns.extend(a.label if a.rank == 1 else f"{a.label}[{k}]" for k in range(a.rank))
@@ -236,7 +239,7 @@ def scale_adapters(model: HookedModel, factors: Mapping[int, float]) -> Iterator
     try:
         with torch.no_grad():
             for k, p in targets.items():
-                p.mul_(float(factors[writers[k].layer]))
+                p.mul_(float(factors[cast(ModuleName, writers[k]).layer]))
         yield model
     finally:
         with torch.no_grad():

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -129,11 +129,12 @@ def build_lora_model(base: str, config: LoraTrainConfig, progress: bool = True, 
     if bad:
         raise EmInterpError(f"layers={bad} out of range: {resolved.model_id} has layers 0..{n_layers - 1}")
     torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, use_rslora=config.use_rslora, lora_dropout=0.0,
+    # peft annotates lora_alpha as int but scales by any float
+    lora = LoraConfig(r=config.rank, lora_alpha=cast(int, config.alpha), use_rslora=config.use_rslora, lora_dropout=0.0,
                       target_modules=list(config.target_modules), layers_to_transform=layers, bias="none")
     peft_model = get_peft_model(hf_model, lora)
     peft_model.peft_config["default"].base_model_name_or_path = resolved.model_id
-    model = wrap_hf(peft_model.base_model.model, tokenizer, resolved.model_id,
+    model = wrap_hf(cast(torch.nn.Module, peft_model.base_model.model), tokenizer, resolved.model_id,
                     {"source": resolved.source, "location": resolved.location,
                      "dtype": str(dtype).removeprefix("torch."), "device": device, "adapter": "training"},
                     peft_model=peft_model)

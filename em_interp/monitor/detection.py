@@ -74,8 +74,9 @@ def _rates(scores: np.ndarray, labels: np.ndarray, fired: np.ndarray) -> tuple[f
     return area, fnr, fpr
 
 
-def score_detector(scores: Sequence[float], dangerous: Sequence[bool], runs: Sequence[str], threshold: float,
-                   n_boot: int = 2000, seed: int = 0, fired: Sequence[bool] | None = None) -> DetectionScore:
+def score_detector(scores: Sequence[float] | np.ndarray, dangerous: Sequence[bool] | np.ndarray,
+                   runs: Sequence[str] | np.ndarray, threshold: float, n_boot: int = 2000, seed: int = 0,
+                   fired: Sequence[bool] | np.ndarray | None = None) -> DetectionScore:
     """AUROC, and FNR / FPR at ``threshold``, over checkpoints pooled from several runs; CIs resample runs.
 
     ``fired`` gives the alarms directly instead (e.g. pooled leave-one-type-out rows, each scored
@@ -141,7 +142,7 @@ class PCARidge:
         self.pipeline = make_pipeline(PCA(n_components=n_components, random_state=seed), Ridge(alpha=alpha))
         self.n_components = n_components
 
-    def fit(self, activation_drift: np.ndarray, em: Sequence[float]) -> PCARidge:
+    def fit(self, activation_drift: np.ndarray, em: Sequence[float] | np.ndarray) -> PCARidge:
         """Fit on calibration checkpoints (rows) and their EM measure."""
         x = np.asarray(activation_drift, dtype=np.float64)
         if x.ndim != 2 or len(x) < self.n_components:

@@ -300,8 +300,9 @@ class MonitorCallback(TrainingCallback):
         self.alarms: list[int] = []
         self._start: Snapshot | None = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        super().on_train_begin(args, state, control, model=model, **kwargs)
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
+                       **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, model=model, processing_class=processing_class, **kwargs)
         hooked = self._hooked_of(model)
         with hooked.peft_model.disable_adapter():
             self._start = self._measure(hooked, 0)
@@ -343,4 +344,4 @@ class MonitorCallback(TrainingCallback):
                     self.on_alarm(step, drift, score)
         self.history.append((step, drift, score))
         _log.info("drift monitor step %d: drift %s%s", step, np.round(drift, 4).tolist(),
-                  "" if score is None else f", {self.monitor.score_name} {score:+.4f}")
+                  "" if score is None or self.monitor is None else f", {self.monitor.score_name} {score:+.4f}")

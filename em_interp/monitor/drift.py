@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from jaxtyping import Float
@@ -33,6 +34,7 @@ from em_interp.errors import EmInterpError
 from em_interp.loading import _same_model, read_adapter_config
 from em_interp.lora.adapters import WEIGHTS, load_adapter_weights
 from em_interp.model import HookedModel
+from em_interp.options import Hook
 from em_interp.traits import TraitSpec, load_eval_prompts, trait_vectors
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -150,7 +152,7 @@ def snapshot(model: HookedModel, basis: TraitBasis, prompts: Sequence[ChatExampl
         raise EmInterpError("prompts is empty: the drift monitor needs evaluation prompts")
     basis.check_fits(model)
     acts = cache_residuals(model, [ChatExample(p.question, None, p.system) for p in prompts], layers=[basis.layer],
-                           hook=basis.hook, reduction="last_prompt", batch_size=batch_size, progress=False)[basis.layer]
+                           hook=cast(Hook, basis.hook), reduction="last_prompt", batch_size=batch_size, progress=False)[basis.layer]
     return Snapshot(int(step), basis.project(acts), acts.norm(dim=-1), acts.mean(0))
 
 

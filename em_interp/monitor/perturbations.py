@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -151,7 +151,7 @@ class RunSpec:
     def training(self, n_layers: int) -> LoraTrainConfig:
         """The run's LoRA recipe: the rank-1 organism (nine rsLoRA adapters on down_proj) or rank 16
         (alpha 32, rsLoRA) on q/k/v/o of all ``n_layers`` layers."""
-        common = dict(steps=self.steps, checkpoint_every=self.checkpoint_every, seed=self.seed,
+        common: dict[str, Any] = dict(steps=self.steps, checkpoint_every=self.checkpoint_every, seed=self.seed,
                       learning_rate=self.learning_rate, warmup_steps=max(1, self.steps // 10),
                       batch_size=self.batch_size, max_length=self.max_length)
         if self.type.lora == "rank1":

@@ -14,6 +14,7 @@ Inputs are divided by their mean L2 norm (stored with the SAE) so the SAE sees u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -26,7 +27,7 @@ from em_interp.errors import EmInterpError
 class ActivationSAE:
     """A trained TopK SAE and the input scale it was trained with."""
 
-    sae: torch.nn.Module
+    sae: Any  # sae-lens TopKTrainingSAE (a torch.nn.Module with cfg, encode)
     scale: float
     layer: int
     final_mse: float

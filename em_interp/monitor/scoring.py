@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def _fit_detector(name: str, x: np.ndarray, y: np.ndarray, dangerous: np.ndarray
                   min_leaf: int, seed: int, kind: MonitorKind = "forest") -> Callable[[np.ndarray], np.ndarray]:
     """Fit detector ``name`` on calibration rows; return its scoring function."""
     if name in MONITOR_DETECTORS:
-        kind = {"monitor_forest": "forest", "monitor_logistic": "logistic"}.get(name, kind)
+        kind = cast(MonitorKind, {"monitor_forest": "forest", "monitor_logistic": "logistic"}.get(name, kind))
         monitor = DriftMonitor("library", 0, names, min_samples_leaf=min_leaf, seed=seed, kind=kind)
         return monitor.fit(x, y, dangerous).score
     if name == "pca_activation_drift":

@@ -13,6 +13,7 @@ from em_interp.evaluation.judge_free import QuestionScores
 from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.model import HookedModel
+from em_interp.options import Reduction
 from em_interp.provenance import computation_key
 from em_interp.study.config import StudyConfig
 
@@ -32,7 +33,7 @@ def split_questions(questions: Sequence[PairedQuestion]) -> tuple[list[PairedQue
     return list(questions[0::3]), [q for i, q in enumerate(questions) if i % 3]
 
 
-def cached_residuals(model: HookedModel, examples: Sequence[ChatExample], reduction: str,
+def cached_residuals(model: HookedModel, examples: Sequence[ChatExample], reduction: Reduction,
                      progress: bool = False) -> ResidualCache:
     """All-layer residuals, stored under the user cache keyed by the model's weights and the examples."""
     key = sha256_json({"model": model.fingerprint(), "examples": [e.to_dict() for e in examples],

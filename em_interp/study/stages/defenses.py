@@ -25,7 +25,7 @@ import functools
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import plotly.graph_objects as go
 
@@ -180,12 +180,12 @@ def run_defenses(ctx: StudyContext) -> DefensesResult:
         # SafeLoRA after training, V = the study's aligned control organism's update
         alignment = model_updates(ctx.control)
         alignment_id = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(alignment.items()))).hexdigest()[:24]
-        safe = {}
+        safe: dict[tuple[str, float], tuple[DefenseRunRecord, DefenseRunRecord]] = {}
         for domain in domains:
             for threshold in dict(settings).get("safelora", ()):
-                safe[(domain, threshold)] = tuple(
+                safe[(domain, threshold)] = cast(tuple[DefenseRunRecord, DefenseRunRecord], tuple(
                     measure_safelora(records[specs[(domain, v, "", 0.0)].label], alignment, threshold, setup, alignment_id)
-                    for v in ("misaligned", "aligned"))
+                    for v in ("misaligned", "aligned")))
         base_losses = {d: {v: -float(answer_logprobs(model, task_examples(d, v, budget.defense_task_examples),
                                                      batch_size=16).mean()) for v in ("misaligned", "aligned")}
                        for d in domains}
