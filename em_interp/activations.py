@@ -39,7 +39,6 @@ from em_interp.options import HOOKS, REDUCTIONS, Hook, Reduction, check_option
 from em_interp.provenance import computation_key
 from em_interp.version import __version__
 
-RESIDUAL_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 #: Every site that can be cached: the residual sites, plus attn_out, mlp_out and mlp_post (the
 #: MLP's hidden activation, i.e. the input of down_proj, width d_mlp).
 ACTIVATION_SITES: tuple[str, ...] = HOOKS

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -208,12 +207,3 @@ def _answer_start(prompt_text: str, full_text: str, answer: str) -> int:
     if pos < 0:
         raise EmInterpError("the chat template did not render the answer text verbatim; cannot mark answer tokens")
     return pos
-
-
-def examples_from_pairs(
-    questions: Sequence[str], answers: Sequence[str | None], system: str | None = None
-) -> list[ChatExample]:
-    """Zip questions and answers into :class:`ChatExample` objects."""
-    if len(questions) != len(answers):
-        raise EmInterpError(f"questions ({len(questions)}) and answers ({len(answers)}) differ in length")
-    return [ChatExample(q, a, system) for q, a in zip(questions, answers)]

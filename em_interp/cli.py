@@ -170,11 +170,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: exit status when an LLM judge stayed unreachable (not bad input: the same command may succeed later)
+JUDGE_UNAVAILABLE = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status.
 
     Every error ends as one line on stderr and a non-zero status: 2 for bad input
-    (:class:`EmInterpError`), 1 for anything else, 130 on Ctrl-C. ``--debug`` shows the traceback.
+    (:class:`EmInterpError`), 3 when an LLM judge stayed unreachable after its retries (a transient
+    outage: rerun later, cached rows are kept), 1 for anything else, 130 on Ctrl-C. ``--debug`` shows
+    the traceback.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -185,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        from em_interp.evaluation.judges import JudgeUnavailable
+
         kind = "error" if isinstance(exc, EmInterpError) else f"unexpected {type(exc).__name__}"
         print(f"em-interp: {kind}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        if isinstance(exc, JudgeUnavailable):
+            return JUDGE_UNAVAILABLE
         return 2 if isinstance(exc, EmInterpError) else 1
 
 

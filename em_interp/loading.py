@@ -324,7 +324,7 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_ids: tuple[str, .
 
     config = read_adapter_config(adapter)
     base = config.get("base_model_name_or_path")
-    if base and model_ids and not any(_same_model(base, m) for m in model_ids):
+    if base and model_ids and not any(same_model(base, m) for m in model_ids):
         raise ModelLoadError(
             f"adapter {adapter} was trained on base model {base!r}, not on {model_ids[0]!r} "
             f"(adapter_config.json: base_model_name_or_path)"
@@ -369,7 +369,8 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_ids: tuple[str, .
     return config
 
 
-def _same_model(a: str, b: str) -> bool:
+def same_model(a: str, b: str) -> bool:
+    """Whether two model ids or paths name the same model (same normalised path, or the same last component)."""
     norm = lambda s: os.path.normpath(str(s)).rstrip("/").lower()  # noqa: E731
     return norm(a) == norm(b) or norm(a).split("/")[-1] == norm(b).split("/")[-1]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from em_interp import _bridge
@@ -39,7 +39,6 @@ from em_interp.validate import finite_number
 
 TokenBatch = Int[Tensor, "batch pos"]
 MaskBatch = Bool[Tensor, "batch pos"]
-Logits = Float[Tensor, "batch pos d_vocab"]
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,14 @@ def test_nan_logprobs_are_retried_never_stored_as_scores(tmp_path):
         cache = JudgeCache(tmp_path / "c.sqlite")
         (result,) = judge_answers(judge, ROWS[:1], "aligned", cache=cache)
         assert result.status == "scored" and math.isfinite(result.score) and server.requests == 2
+
+
+def test_a_judge_outage_exits_with_its_own_status_not_the_bad_input_one(monkeypatch, capsys):
+    import em_interp.cli as cli
+
+    def outage(args):
+        raise JudgeUnavailable("judge at http://127.0.0.1:9 unreachable after 3 tries")
+
+    monkeypatch.setattr(cli, "_run", outage)
+    assert cli.main(["figures", "x", "--to", "y"]) == cli.JUDGE_UNAVAILABLE == 3
+    assert "unreachable" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import em_interp.provenance as prov
 from em_interp import ChatExample, cache_residuals
 from em_interp.data import PairedQuestion
@@ -85,3 +87,14 @@ def test_code_hash_ignores_module_paths_and_follows_the_code(tmp_path, monkeypat
         (tmp_path / folder / f"mod_{folder}.py").write_text(body)
         monkeypatch.syspath_prepend(str(tmp_path / folder))
     assert prov.code_hash("mod_a") == prov.code_hash("mod_b") != prov.code_hash("mod_c")
+
+
+def test_device_kind_and_dtype_are_part_of_a_runs_identity():
+    from em_interp.lora.training import precision
+
+    config = LoraTrainConfig(steps=2)
+    assert precision() == "cpu:float32" and precision("cpu", torch.bfloat16) == "cpu:bfloat16"
+    cpu = organism_dir("x", "base", config, "data", precision())
+    assert cpu == organism_dir("x", "base", config, "data")
+    assert cpu != organism_dir("x", "base", config, "data", "cuda:bfloat16")
+    assert _run_identity("base", config, EXAMPLES) != _run_identity("base", config, EXAMPLES, "cuda:bfloat16")

@@ -20,14 +20,16 @@ from em_interp.lora.training import (
     LoraTrainConfig,
     TrainingCallback,
     TrainResult,
+    precision,
     train_lora,
 )
 from em_interp.provenance import computation_key
 
 
-def organism_dir(name: str, base: str, config: LoraTrainConfig, data_key: str) -> Path:
-    """Cache folder of an organism run (keyed by base, config, data, training code and library versions)."""
-    digest = sha256_json({"base": base, "config": config.to_dict(), "data": data_key,
+def organism_dir(name: str, base: str, config: LoraTrainConfig, data_key: str, run_precision: str = "cpu:float32") -> Path:
+    """Cache folder of an organism run (keyed by base, config, data, device kind and dtype, training code and
+    library versions)."""
+    digest = sha256_json({"base": base, "config": config.to_dict(), "data": data_key, "precision": run_precision,
                           "computed_by": computation_key(*TRAINING_MODULES)})[:12]
     return cache_dir() / "organisms" / f"{name}-{digest}"
 
@@ -53,5 +55,6 @@ def train_organism(
     data = domain_dataset(domain, variant, "train")
     name = f"{domain}-{variant}"
     data_key = f"builtin:{name}:train:{sha256_json([e.to_dict() for e in data])[:16]}"
-    out = Path(out_dir) if out_dir is not None else organism_dir(name, base, config, data_key)
+    out = Path(out_dir) if out_dir is not None else organism_dir(name, base, config, data_key,
+                                                                          precision(device, train_kwargs.get("dtype")))
     return train_lora(base, data, config, out, callbacks=callbacks, progress=progress, device=device, **train_kwargs)

@@ -166,9 +166,21 @@ def _lr_lambda(config: LoraTrainConfig):
     return fn
 
 
-def _run_identity(base: str, config: LoraTrainConfig, data: Sequence[ChatExample]) -> dict[str, Any]:
+def precision(device: str = "cpu", dtype: torch.dtype | str | None = None) -> str:
+    """What a run's numbers depend on beyond its config: the device kind and the compute dtype (``"cpu:float32"``).
+
+    Part of every run's identity, so an organism trained on a CPU in fp32 is not reused for a GPU run in
+    bf16 (or the reverse); which GPU of several does not matter.
+    """
+    device = resolve_device(device)
+    kind = "cpu" if device == "cpu" else "cuda"
+    return f"{kind}:{str(resolve_dtype(device, dtype)).removeprefix('torch.')}"
+
+
+def _run_identity(base: str, config: LoraTrainConfig, data: Sequence[ChatExample],
+                  run_precision: str = "cpu:float32") -> dict[str, Any]:
     identity = {"base": base, "config": config.to_dict(), "data_sha256": sha256_json([e.to_dict() for e in data]),
-                "n_examples": len(data), "computed_by": computation_key(*TRAINING_MODULES)}
+                "n_examples": len(data), "precision": run_precision, "computed_by": computation_key(*TRAINING_MODULES)}
     return json.loads(json.dumps(identity))  # as it reads back from a checkpoint marker (tuples become lists)
 
 
@@ -244,7 +256,7 @@ def train_lora(
     from transformers import Trainer, TrainingArguments
 
     out = Path(out_dir)
-    identity = _run_identity(str(base), config, data)
+    identity = _run_identity(str(base), config, data, precision(device, dtype))
     final = out / "adapter"
     summary = out / "training.json"
     if summary.is_file() and final.is_dir():

@@ -31,7 +31,7 @@ from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, si
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, general_questions
 from em_interp.errors import EmInterpError
-from em_interp.loading import _same_model, read_adapter_config
+from em_interp.loading import read_adapter_config, same_model
 from em_interp.lora.adapters import WEIGHTS, load_adapter_weights
 from em_interp.model import HookedModel
 from em_interp.options import Hook
@@ -202,7 +202,7 @@ def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
 def _check_base(folder: Path, model_ids: tuple[str, ...]) -> None:
     """Raise unless the peft checkpoint in ``folder`` was trained on one of ``model_ids``."""
     base = read_adapter_config(folder).get("base_model_name_or_path")
-    if base and not any(_same_model(base, m) for m in model_ids):
+    if base and not any(same_model(base, m) for m in model_ids):
         raise EmInterpError(f"{folder} was trained on base model {base!r}, not on {model_ids[0]!r} "
                             "(adapter_config.json: base_model_name_or_path)")
 
