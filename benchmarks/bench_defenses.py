@@ -6,7 +6,7 @@ Run on demand (not a test):
     python benchmarks/bench_defenses.py --cycles 6 --device cuda
 
 One training run cycles through [no defense, kl, ldifs, ablate_direction, preventative_steering]
-(``em_interp.defenses.runs.step_time_ratios``), so every ratio is measured against no defense under
+(``em_interp.defenses.timing.step_time_ratios``), so every ratio is measured against no defense under
 the same machine state in the same process. Printed: the median step time with each defense over
 the median without (the defense's cost), and the process's peak resident memory before and
 after a KL + LDIFS run against a plain run: the reference pass reuses the trained weights with the
@@ -26,7 +26,7 @@ import torch
 
 from em_interp.data import domain_dataset
 from em_interp.defenses import AblateDirection, KLDefense, LDIFSDefense, PreventativeSteering
-from em_interp.defenses.runs import step_time_ratios
+from em_interp.defenses.timing import step_time_ratios
 from em_interp.directions import Direction
 from em_interp.loading import DEFAULT_MODEL
 from em_interp.lora.training import LoraTrainConfig, train_lora

@@ -1,5 +1,5 @@
 """The study's stages, one module per group (``base_model``: the model, cache and base EM score; ``organisms``;
-``directions``; ``transfer``; ``monitor``; ``defenses``); :func:`default_stages` lists them in pipeline order."""
+``directions``, ``steering``; ``transfer``; ``monitor``; ``defenses``); :func:`default_stages` lists them in pipeline order."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from em_interp.study.contract import Stage
 
 def default_stages() -> tuple[Stage[Any], ...]:
     """Every stage of the study, in order."""
-    from em_interp.study.stages import base_model, defenses, directions, monitor, organisms, transfer
+    from em_interp.study.stages import (
+        base_model,
+        defenses,
+        directions,
+        monitor,
+        organisms,
+        steering,
+        transfer,
+    )
 
-    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *transfer.STAGES, *monitor.STAGES, *defenses.STAGES)
+    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *steering.STAGES, *transfer.STAGES, *monitor.STAGES, *defenses.STAGES)

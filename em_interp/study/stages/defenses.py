@@ -42,9 +42,9 @@ from em_interp.defenses.runs import (
     build_defense,
     measure_defense_run,
     measure_safelora,
-    step_time_ratios,
     task_examples,
 )
+from em_interp.defenses.timing import step_time_ratios
 from em_interp.directions import Direction
 from em_interp.evaluation.judge_free import answer_logprobs, ratio_ci, summarize
 from em_interp.monitor.drift import label_questions, monitor_prompts

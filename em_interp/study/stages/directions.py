@@ -36,7 +36,7 @@ from em_interp.directions import (
     separation_ci,
 )
 from em_interp.evaluation.judge_free import benign_loglik, bootstrap_ci, ratio_ci, score_questions
-from em_interp.interventions import ablate_each_layer, ablate_weights_each_layer, steer
+from em_interp.interventions import ablate_each_layer, ablate_weights_each_layer
 from em_interp.lora.rank1 import list_adapters
 from em_interp.plotting import line_by_layer
 from em_interp.report import Section
@@ -333,89 +333,6 @@ def ablation_headlines(r: AblationResult) -> list[Headline]:
                      f"{p['random_em_shift_removed']:+.2f})", p["em_shift_removed"], tuple(p["em_shift_removed_ci"]))]
 
 
-# ---------------------------------------------------------------- steering
-@record_type
-@dataclass(frozen=True)
-class SteeringResult:
-    """EM score of the steered base model, a random direction's, and the benign cost, per strength."""
-
-    layer: int
-    residual_norm: float
-    fractions: list[float]
-    em_scores: list[float]
-    random_em_scores: list[float]
-    benign_changes: list[float]
-    n_questions: int
-    n_benign: int
-    #: EM change at the strongest strength vs the plain model, paired per question, with its 95% CI
-    top_change: float
-    top_change_ci: tuple[float, float]
-
-
-def run_steering(ctx: StudyContext) -> SteeringResult:
-    """Steer the base model along the organism-minus-control direction; random direction and benign cost per strength."""
-    config = ctx.config
-    base, seed, budget = ctx.model, config.seed, config.budget
-    dirs = ctx.ablation_directions
-    layer = ctx.best_layer
-    if float(dirs[layer].norm()) < 1e-6:
-        layer = max(dirs, key=lambda i: float(dirs[i].norm()))
-    unit = dirs[layer] / dirs[layer].norm()
-    norm = ctx.resid_norms[layer]
-    random_unit = random_directions(base.d_model, 1, 1.0, seed=seed + 7)[0]
-    questions = ctx.held_questions[1::2][: budget.intervention_questions]
-    benign = benign_items()[:: budget.benign_stride]
-    em, em_random, benign_change = [], [], []
-    benign_plain = benign_loglik(base, benign)
-    plain = steered = subset_scores(ctx.base_scores, questions)
-    for f in budget.steering_fractions:
-        if f == 0:  # no steering: the plain model, for both
-            em.append(float(plain.mean()))
-            em_random.append(em[-1])
-            benign_change.append(0.0)
-            continue
-        with steer(base, unit, f * norm, layer=layer):
-            steered = score_questions(base, questions).per_question
-            em.append(float(steered.mean()))
-            benign_change.append((benign_loglik(base, benign) - benign_plain) / abs(benign_plain))
-        with steer(base, random_unit, f * norm, layer=layer):
-            em_random.append(float(score_questions(base, questions).per_question.mean()))
-    return SteeringResult(layer, norm, list(budget.steering_fractions), em, em_random, benign_change, len(questions),
-                          len(benign), float((steered - plain).mean()), bootstrap_ci(steered - plain, seed=seed))
-
-
-def steering_section(r: SteeringResult, config: StudyConfig) -> Section:
-    """Report section of the steering stage."""
-    fig = line_by_layer(r.fractions, {"direction: EM score": r.em_scores, "norm-matched random: EM score": r.random_em_scores,
-                                      "direction: benign log-lik change (fraction)": r.benign_changes},
-                        f"Steering the base model at layer {r.layer}", "EM score (nats/token) / fraction")
-    fig.update_layout(xaxis_title="alpha / mean residual norm")
-    return Section(
-        "Steering the base model",
-        [f"Add alpha x the unit organism - control direction at layer {r.layer} at every position (alpha as a fraction of "
-         f"the mean residual norm there, {r.residual_norm:.1f}); EM score on {r.n_questions} held-out questions, benign "
-         f"change on {r.n_benign} benign answers, and the same strengths along a random unit direction."],
-        table=[{"alpha / norm": f, "EM score": e, "random EM score": x, "benign change": b}
-               for f, e, x, b in zip(r.fractions, r.em_scores, r.random_em_scores, r.benign_changes)],
-        figures=[fig])
-
-
-def steering_entries(r: SteeringResult) -> dict[str, Any]:
-    """results.json entry of the steering stage."""
-    return {"steering": {
-        "alphas": [f * r.residual_norm for f in r.fractions], "alpha_fraction_of_residual_norm": r.fractions,
-        "layer": r.layer, "em_scores": r.em_scores, "benign_loglik_changes": r.benign_changes,
-        "random_em_scores": r.random_em_scores, "n_questions": r.n_questions, "n_benign": r.n_benign, "model": "base",
-        "top_em_change": r.top_change, "top_em_change_ci": list(r.top_change_ci)}}
-
-
-def steering_headlines(r: SteeringResult) -> list[Headline]:
-    """Summary line of the steering stage."""
-    return [Headline(f"steering the base model at {r.fractions[-1]:g} x residual norm: EM change (random direction: "
-                     f"{r.random_em_scores[-1] - r.random_em_scores[0]:+.3f})", r.top_change, r.top_change_ci,
-                     unit="nats/token")]
-
-
 STAGES: tuple[Stage[Any], ...] = (
     Stage("direction", "directions", needs=("model", "organism", "control"),
           provides=("best_layer", "ablation_directions", "control_means", "resid_norms", "held_questions"),
@@ -425,8 +342,4 @@ STAGES: tuple[Stage[Any], ...] = (
                                            "ablation_directions", "control_means"),
           provides=(), run=run_ablation, restore=NO_RESTORE, section=ablation_section, entries=ablation_entries,
           headlines=ablation_headlines),
-    Stage("steering", "directions", needs=("model", "base_scores", "best_layer", "ablation_directions", "resid_norms",
-                                           "held_questions"),
-          provides=(), run=run_steering, restore=NO_RESTORE, section=steering_section, entries=steering_entries,
-          headlines=steering_headlines),
 )
