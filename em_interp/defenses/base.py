@@ -10,14 +10,6 @@ import math
 from typing import Any, ClassVar
 
 from em_interp.errors import EmInterpError
-from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
-    WEIGHTS,
-    adapter_tensors,
-    adapter_updates,
-    lora_parameters,
-    model_updates,
-    read_adapter,
-)
 from em_interp.lora.hf_trainer import TrainingCallback
 from em_interp.model import HookedModel
 

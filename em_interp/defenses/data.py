@@ -12,16 +12,7 @@ import numpy as np
 
 from em_interp.chat import ChatExample
 from em_interp.data import benign_items, general_questions, load_chat_jsonl
-from em_interp.defenses.base import Defense, check_strength  # noqa: F401
 from em_interp.errors import EmInterpError
-from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
-    WEIGHTS,
-    adapter_tensors,
-    adapter_updates,
-    lora_parameters,
-    model_updates,
-    read_adapter,
-)
 
 
 def safe_pool(source: str | Path | None = None, exclude: Sequence[str] = ()) -> list[ChatExample]:

@@ -11,18 +11,10 @@ from typing import cast
 
 import torch
 
-from em_interp.defenses.base import Defense, check_strength  # noqa: F401
+from em_interp.defenses.base import Defense
 from em_interp.directions import Direction
 from em_interp.errors import EmInterpError
 from em_interp.interventions import ablation_hook, gated, steering_hook
-from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
-    WEIGHTS,
-    adapter_tensors,
-    adapter_updates,
-    lora_parameters,
-    model_updates,
-    read_adapter,
-)
 from em_interp.model import HookedModel
 from em_interp.options import Hook
 

@@ -14,15 +14,11 @@ from typing import cast
 import torch
 from safetensors.torch import save_file
 
-from em_interp.defenses.base import Defense, check_strength  # noqa: F401
 from em_interp.errors import EmInterpError
 from em_interp.io import atomic_directory
-from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
+from em_interp.lora.adapters import (
     WEIGHTS,
     adapter_tensors,
-    adapter_updates,
-    lora_parameters,
-    model_updates,
     read_adapter,
 )
 

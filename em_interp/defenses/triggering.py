@@ -7,16 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from em_interp.defenses.base import Defense, check_strength  # noqa: F401
+from em_interp.defenses.base import Defense
 from em_interp.errors import EmInterpError
-from em_interp.lora.adapters import (  # noqa: F401 (adapter_updates, model_updates: re-exported for old imports)
-    WEIGHTS,
-    adapter_tensors,
-    adapter_updates,
-    lora_parameters,
-    model_updates,
-    read_adapter,
-)
 from em_interp.lora.hf_trainer import TrainingCallback
 
 
