@@ -55,9 +55,7 @@ def ablation_hook(directions: Sequence[Vector], reference: Vector | None = None,
 
     def hook(tensor: Tensor, *, hook: Any) -> Tensor:
         basis = q.to(tensor.device, tensor.dtype)
-        if strength == 1.0:
-            out = tensor - (tensor @ basis) @ basis.T
-            return out if kept is None else out + kept.to(tensor.device, tensor.dtype)
+        # multiplying by strength 1.0 is exact: full ablation gives the same bits as without the factor
         out = tensor - strength * (tensor @ basis) @ basis.T
         return out if kept is None else out + strength * kept.to(tensor.device, tensor.dtype)
 
