@@ -43,10 +43,9 @@ def load_study(folder: str | Path) -> tuple[Any, dict[str, Any]]:
         raise EmInterpError(f"{folder} has no stage files ({marker} is missing): run `em-interp study --out {folder}` first")
     try:
         identity = json.loads(marker.read_text())["identity"]
-        budget: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in identity["budget"].items()}
         fields = {k: v for k, v in identity.items() if k != "external_sets"}  # found files, not a setting
-        config = StudyConfig(out=folder, **{**fields, "budget": Budget(**budget)})
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        config = StudyConfig(out=folder, **{**fields, "budget": Budget.from_dict(identity["budget"])})
+    except (OSError, ValueError, KeyError, TypeError, EmInterpError) as exc:
         raise EmInterpError(f"{marker} is not a study identity file ({type(exc).__name__}: {exc})") from None
     store = StageStore(folder, identity)
     results = {}

@@ -95,21 +95,30 @@ def smollm(no_network):
 #: The budget of the study tests on tiny models: every stage, a few questions each.
 def tiny_budget():
     """A Budget small enough for a whole study on a tiny model in well under a minute."""
-    from em_interp.study import Budget
+    from em_interp.study.budget import (
+        BaseBudget,
+        Budget,
+        DefenseBudget,
+        DirectionBudget,
+        MonitorBudget,
+        OrganismBudget,
+        TransferBudget,
+    )
 
-    return Budget("quick", eval_stride=20, domain_stride=8, cache_examples=2, answer_tokens=4, organism_steps=2,
-                  checkpoint_every=1, rank1_general_stride=3, rank1_domain_stride=8, intervention_questions=2,
-                  benign_stride=40, steering_fractions=(0.0, 0.2), trait_questions=2, transfer_prompts=4, transfer_controls=1,
-                  transfer_questions=2, transfer_strengths=(1.0,),
-                  monitor_types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
-                  monitor_calibration=("medical-misaligned", "benign"), monitor_seeds=1, monitor_steps=2, monitor_every=1,
-                  monitor_learning_rate=5e-2, monitor_questions=4, monitor_prompts=4, monitor_min_leaf=1,
-                  monitor_trait_questions=2, monitor_bootstrap=100,
-                  sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8,
-                  defense_steps=2, defense_learning_rate=5e-2, defense_batch_size=2, defense_questions=2,
-                  defense_task_examples=2, defense_check_every=1, defense_timing_cycles=1,
-                  defense_strengths=(("kl", (1.0,)), ("ldifs", (1.0,)), ("safelora", (0.5,)), ("interleave", (2.0,)),
-                                     ("ablate_direction", (1.0,)), ("preventative_steering", (0.3,))))
+    return Budget(
+        "quick",
+        BaseBudget(eval_stride=20, domain_stride=8, cache_examples=2, answer_tokens=4),
+        OrganismBudget(steps=2, checkpoint_every=1, rank1_general_stride=3, rank1_domain_stride=8),
+        DirectionBudget(intervention_questions=2, benign_stride=40, steering_fractions=(0.0, 0.2), trait_questions=2),
+        TransferBudget(prompts=4, controls=1, questions=2, strengths=(1.0,)),
+        MonitorBudget(types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
+                      calibration=("medical-misaligned", "benign"), seeds=1, steps=2, every=1, learning_rate=5e-2,
+                      questions=4, prompts=4, min_leaf=1, trait_questions=2, bootstrap=100,
+                      sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8),
+        DefenseBudget(steps=2, learning_rate=5e-2, batch_size=2, questions=2, task_examples=2, check_every=1,
+                      timing_cycles=1,
+                      strengths=(("kl", (1.0,)), ("ldifs", (1.0,)), ("safelora", (0.5,)), ("interleave", (2.0,)),
+                                 ("ablate_direction", (1.0,)), ("preventative_steering", (0.3,)))))
 
 
 @pytest.fixture(scope="session")

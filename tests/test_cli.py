@@ -32,7 +32,7 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert (results["model"]["n_layers"], results["model"]["d_model"]) == (30, 576)
     assert results["model"]["load_seconds"] > 0
     assert results["cache"]["examples"] >= 4 and results["cache"]["tokens_per_second"] > 0
-    base, n_questions = results["em_score"]["base"], 120 // Budget.quick().eval_stride
+    base, n_questions = results["em_score"]["base"], 120 // Budget.quick().base.eval_stride
     assert base["n"] == n_questions and base["ci_low"] <= base["mean"] <= base["ci_high"]
     assert len(results["base_answers"]) == 8 and all(a["answer"] for a in results["base_answers"])
     for role in ("organism", "control"):

@@ -356,9 +356,9 @@ def test_budget_refuses_bad_defense_strengths():
                                ((("interleave", (1.0,)),), "integer n >= 2"), ((("nope", (1.0,)),), "not one of"),
                                ((("kl", (1.0,)), ("kl", (2.0,))), "twice")]:
         with pytest.raises(EmInterpError, match=message):
-            replace(Budget.quick(), defense_strengths=strengths)
-    with pytest.raises(EmInterpError, match="defense_domains"):
-        replace(Budget.quick(), defense_domains=("cooking",))
+            replace(Budget.quick().defenses, strengths=strengths)
+    with pytest.raises(EmInterpError, match=r"Budget\.defenses\.domains \['cooking'\]"):
+        replace(Budget.quick().defenses, domains=("cooking",))
 
 
 def test_repeated_or_dependent_directions_ablate_only_their_span(tiny_models):

@@ -39,8 +39,8 @@ def organism_sizes(model: Path) -> dict[str, str]:
     from em_interp.study import Budget
 
     q = Budget.quick()
-    return {"EM_INTERP_NB_MODEL": str(model), "EM_INTERP_NB_STEPS": str(q.organism_steps),
-            "EM_INTERP_NB_EVERY": str(q.checkpoint_every)}
+    return {"EM_INTERP_NB_MODEL": str(model), "EM_INTERP_NB_STEPS": str(q.organisms.steps),
+            "EM_INTERP_NB_EVERY": str(q.organisms.checkpoint_every)}
 
 
 def test_organism_notebook(tiny_study_dir, tmp_path):
@@ -62,10 +62,10 @@ def test_drift_monitor_notebook(tiny_study_dir, tmp_path):
     q = Budget.quick()
     # a learning rate at which the tiny model's medical-misaligned run crosses the danger line (seeded)
     run_notebook(ROOT / "notebooks" / "03_drift_monitor.ipynb",
-                 {"EM_INTERP_NB_MODEL": str(tiny_study_dir), "EM_INTERP_NB_STEPS": str(q.monitor_steps),
-                  "EM_INTERP_NB_EVERY": str(q.monitor_every), "EM_INTERP_NB_SEEDS": str(q.monitor_seeds),
-                  "EM_INTERP_NB_QUESTIONS": str(q.monitor_questions), "EM_INTERP_NB_PROMPTS": str(q.monitor_prompts),
-                  "EM_INTERP_NB_LR": "0.2", "EM_INTERP_NB_TRAIT_QUESTIONS": str(q.monitor_trait_questions),
+                 {"EM_INTERP_NB_MODEL": str(tiny_study_dir), "EM_INTERP_NB_STEPS": str(q.monitor.steps),
+                  "EM_INTERP_NB_EVERY": str(q.monitor.every), "EM_INTERP_NB_SEEDS": str(q.monitor.seeds),
+                  "EM_INTERP_NB_QUESTIONS": str(q.monitor.questions), "EM_INTERP_NB_PROMPTS": str(q.monitor.prompts),
+                  "EM_INTERP_NB_LR": "0.2", "EM_INTERP_NB_TRAIT_QUESTIONS": str(q.monitor.trait_questions),
                   "EM_INTERP_EXTERNAL": str(ROOT.parent / "shared" / "external"),
                   "EM_INTERP_NB_OUT": str(tmp_path / "monitor")}, cwd=tmp_path)
     assert (tmp_path / "monitor" / "drift_monitor.json").is_file()
@@ -76,8 +76,8 @@ def test_defenses_notebook(tiny_study_dir, tmp_path):
 
     q = Budget.quick()
     run_notebook(ROOT / "notebooks" / "04_defenses.ipynb",
-                 {"EM_INTERP_NB_MODEL": str(tiny_study_dir), "EM_INTERP_NB_STEPS": str(q.defense_steps),
-                  "EM_INTERP_NB_LR": "5e-2", "EM_INTERP_NB_BATCH": str(q.defense_batch_size),
-                  "EM_INTERP_NB_QUESTIONS": str(q.defense_questions), "EM_INTERP_NB_TASK": str(q.defense_task_examples),
+                 {"EM_INTERP_NB_MODEL": str(tiny_study_dir), "EM_INTERP_NB_STEPS": str(q.defenses.steps),
+                  "EM_INTERP_NB_LR": "5e-2", "EM_INTERP_NB_BATCH": str(q.defenses.batch_size),
+                  "EM_INTERP_NB_QUESTIONS": str(q.defenses.questions), "EM_INTERP_NB_TASK": str(q.defenses.task_examples),
                   "EM_INTERP_NB_OUT": str(tmp_path / "def")}, cwd=tmp_path)
     assert (tmp_path / "def" / "tradeoff.html").is_file()

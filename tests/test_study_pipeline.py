@@ -173,7 +173,7 @@ def test_cli_bad_inputs_name_the_argument(tiny_study, tiny_study_dir, tmp_path, 
     shutil.copytree(tiny_study[0], other)
     assert main(["study", "--out", str(other), "--model", str(tiny_study_dir), "--quick", "--stages", "model"]) == 2
     err = capsys.readouterr().err
-    assert "holds the stage files of another study" in err and "budget.eval_stride: 20 there, 6 here" in err
+    assert "holds the stage files of another study" in err and "budget.base.eval_stride: 20 there, 6 here" in err
     assert main(["figures", str(tmp_path / "empty"), "--to", str(tmp_path / "f")]) == 2
     assert "has no stage files" in capsys.readouterr().err
     assert main(["study", "--out", str(tmp_path / "y"), "--stages", " , "]) == 2

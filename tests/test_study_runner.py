@@ -218,10 +218,29 @@ def test_summary_is_the_first_section(tmp_path):
 
 
 def test_budget_and_config_errors_name_the_field(tmp_path):
+    from dataclasses import replace
+
     from em_interp.errors import EmInterpError
 
-    with pytest.raises(EmInterpError, match="Budget.eval_stride=0"):
-        Budget(**{**Budget.quick().__dict__, "eval_stride": 0})
+    quick = Budget.quick()
+    with pytest.raises(EmInterpError, match=r"Budget\.base\.eval_stride=0 must be >= 1"):
+        replace(quick.base, eval_stride=0)
+    for group, change, message in [("monitor", {"every": 13, "steps": 12}, r"Budget\.monitor\.every=13 > steps=12"),
+                                   ("monitor", {"learning_rate": float("nan")}, r"Budget\.monitor\.learning_rate=nan"),
+                                   ("monitor", {"calibration": ("financial-aligned",)}, "not among types"),
+                                   ("organisms", {"checkpoint_every": 30}, r"Budget\.organisms\.checkpoint_every=30"),
+                                   ("directions", {"steering_fractions": (0.1,)}, "must start with 0.0"),
+                                   ("transfer", {"strengths": ()}, r"Budget\.transfer\.strengths is empty"),
+                                   ("defenses", {"check_every": 5}, r"Budget\.defenses\.check_every=5 > steps=4")]:
+        with pytest.raises(EmInterpError, match=message):
+            replace(getattr(quick, group), **change)
+    with pytest.raises(EmInterpError, match="Budget.monitor must be a MonitorBudget"):
+        replace(quick, monitor=quick.defenses)
+    with pytest.raises(EmInterpError, match="no group"):
+        quick.with_group(sae=quick.monitor)
+    assert Budget.from_dict(quick.to_dict()) == quick and Budget.from_dict(Budget.full().to_dict()) == Budget.full()
+    with pytest.raises(EmInterpError, match="lacks the groups"):
+        Budget.from_dict({"name": "quick"})
     with pytest.raises(EmInterpError, match="domain='cooking'"):
         StudyConfig(out=tmp_path, domain="cooking")
     with pytest.raises(EmInterpError, match="budget='huge'"):

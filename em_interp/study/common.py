@@ -20,12 +20,12 @@ from em_interp.study.config import StudyConfig
 
 def eval_questions(config: StudyConfig) -> list[PairedQuestion]:
     """The general evaluation set at the config's budget (every ``eval_stride``-th question)."""
-    return general_questions()[:: config.budget.eval_stride]
+    return general_questions()[:: config.budget.base.eval_stride]
 
 
 def domain_eval_questions(config: StudyConfig) -> list[PairedQuestion]:
     """The held-out questions of the config's domain at its budget (every ``domain_stride``-th)."""
-    return domain_questions(config.domain)[:: config.budget.domain_stride]
+    return domain_questions(config.domain)[:: config.budget.base.domain_stride]
 
 
 def split_questions(questions: Sequence[PairedQuestion]) -> tuple[list[PairedQuestion], list[PairedQuestion]]:

@@ -212,7 +212,7 @@ class StageStore:
 
 
 def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any], prefix: str = "") -> str:
-    """What differs between two identities, e.g. ``budget.eval_stride: 4 there, 1 here``."""
+    """What differs between two identities, e.g. ``budget.base.eval_stride: 4 there, 1 here``."""
     out = []
     for k in sorted(set(theirs) | set(ours)):
         a, b = theirs.get(k), ours.get(k)

@@ -96,7 +96,7 @@ class CacheTiming:
 def run_cache(ctx: StudyContext) -> CacheTiming:
     """Cache answer-mean residuals at every layer over a handful of chat examples; time it."""
     model = ctx.model
-    examples = list(SMOKE_EXAMPLES[: ctx.config.budget.cache_examples])
+    examples = list(SMOKE_EXAMPLES[: ctx.config.budget.base.cache_examples])
     n_tokens = sum(len(model.tokenize(e).input_ids) for e in examples)
     start = time.perf_counter()
     cache = cache_residuals(model, examples, reduction="answer_mean", batch_size=8, progress=ctx.config.progress)
@@ -142,7 +142,7 @@ def run_em_base(ctx: StudyContext) -> BaseBehaviour:
     for q in general_questions():
         firsts.setdefault(q.category, ChatExample(q.question))
     prompts = list(firsts.values())[:8]
-    answers = sample_answers(ctx.model, prompts, n=1, temperature=0.0, max_new_tokens=config.budget.answer_tokens,
+    answers = sample_answers(ctx.model, prompts, n=1, temperature=0.0, max_new_tokens=config.budget.base.answer_tokens,
                              seed=config.seed)
     ctx.base_scores = scores
     return BaseBehaviour(score, scores, [{"question": p.question, "answer": a[0]} for p, a in zip(prompts, answers)])

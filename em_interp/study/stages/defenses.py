@@ -157,14 +157,14 @@ def run_defenses(ctx: StudyContext) -> DefensesResult:
     model = ctx.model
     direction = _direction(ctx)
     monitor_dir = ctx.drift_monitor
-    setup = DefenseSetup(config.model, tuple(label_questions(budget.defense_questions)), budget.defense_task_examples,
+    setup = DefenseSetup(config.model, tuple(label_questions(budget.defenses.questions)), budget.defenses.task_examples,
                          direction, tuple(safe_pool()), None if monitor_dir is None else str(monitor_dir),
-                         tuple(monitor_prompts(budget.monitor_prompts, config.external)), budget.defense_check_every,
+                         tuple(monitor_prompts(budget.monitor.prompts, config.external)), budget.defenses.check_every,
                          config.device)
-    settings: DefenseSettings = budget.defense_strengths
-    domains = list(budget.defense_domains or (config.domain,))
-    common = dict(seed=config.seed, steps=budget.defense_steps, learning_rate=budget.defense_learning_rate,
-                  batch_size=budget.defense_batch_size)
+    settings: DefenseSettings = budget.defenses.strengths
+    domains = list(budget.defenses.domains or (config.domain,))
+    common = dict(seed=config.seed, steps=budget.defenses.steps, learning_rate=budget.defenses.learning_rate,
+                  batch_size=budget.defenses.batch_size)
     specs: dict[tuple[str, str, str, float], DefenseRunSpec] = {}
     for domain in domains:
         for variant in ("misaligned", "aligned"):
@@ -186,7 +186,7 @@ def run_defenses(ctx: StudyContext) -> DefensesResult:
                 safe[(domain, threshold)] = cast(tuple[DefenseRunRecord, DefenseRunRecord], tuple(
                     measure_safelora(records[specs[(domain, v, "", 0.0)].label], alignment, threshold, setup, alignment_id)
                     for v in ("misaligned", "aligned")))
-        base_losses = {d: {v: -float(answer_logprobs(model, task_examples(d, v, budget.defense_task_examples),
+        base_losses = {d: {v: -float(answer_logprobs(model, task_examples(d, v, budget.defenses.task_examples),
                                                      batch_size=16).mean()) for v in ("misaligned", "aligned")}
                        for d in domains}
         by_domain = {d: _domain_table(d, records, safe, settings, specs, base_losses[d], config.seed) for d in domains}
@@ -194,7 +194,7 @@ def run_defenses(ctx: StudyContext) -> DefensesResult:
     finally:
         shutdown_local_ray(config.ray)
     timing = _timing(config, settings, direction, domains[0])
-    return DefensesResult(domains, by_domain, triggered, timing, direction.layer, budget.defense_steps,
+    return DefensesResult(domains, by_domain, triggered, timing, direction.layer, budget.defenses.steps,
                           "the study's aligned control organism's weight update (W_aligned - W_base per module)",
                           round(time.perf_counter() - start, 2))
 
@@ -233,7 +233,7 @@ def _timing(config: StudyConfig, settings: DefenseSettings, direction: Direction
         return {"ratios": {}}
     budget = config.budget
     return step_time_ratios(config.model, domain_dataset(domain, "misaligned", "train"), defenses,
-                            cycles=budget.defense_timing_cycles, batch_size=budget.defense_batch_size, seed=config.seed,
+                            cycles=budget.defenses.timing_cycles, batch_size=budget.defenses.batch_size, seed=config.seed,
                             device=config.device)
 
 

@@ -119,7 +119,7 @@ def run_direction(ctx: StudyContext) -> DirectionAnalysis:
     control_means = {layer: answer["control"][layer].mean(0) for layer in layers}
     resid_norms = {layer: float(answer["base"][layer].norm(dim=-1).mean()) for layer in layers}
     # cosine matrix at the best layer, with the seven trait vectors of the base model
-    traits = trait_vectors(models["base"], [q.question for q in fit_q[: config.budget.trait_questions]], best,
+    traits = trait_vectors(models["base"], [q.question for q in fit_q[: config.budget.directions.trait_questions]], best,
                            progress=False)
     named = {"organism - base (last prompt)": directions[best]["organism_minus_base"],
              "control - base (last prompt)": directions[best]["control_minus_base"],
@@ -234,8 +234,8 @@ def run_ablation(ctx: StudyContext) -> AblationResult:
     """Ablate the organism-minus-control direction (activations and weights); controls and benign cost."""
     config = ctx.config
     organism, control, seed = ctx.organism, ctx.control, config.seed
-    questions = ctx.held_questions[::2][: config.budget.intervention_questions]
-    benign = benign_items()[:: config.budget.benign_stride]
+    questions = ctx.held_questions[::2][: config.budget.directions.intervention_questions]
+    benign = benign_items()[:: config.budget.directions.benign_stride]
     layers = sorted({a.layer for a in list_adapters(organism)})  # the writers of the organism's shift
     dirs = {layer: ctx.ablation_directions[layer] for layer in layers}
     refs = {layer: ctx.control_means[layer] for layer in layers}

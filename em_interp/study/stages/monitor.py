@@ -57,13 +57,13 @@ record_type(DetectionScore)
 
 
 def _label_questions(config: StudyConfig) -> list[PairedQuestion]:
-    return label_questions(config.budget.monitor_questions)
+    return label_questions(config.budget.monitor.questions)
 
 
 def library_types(config: StudyConfig) -> list[PerturbationType]:
     """The budget's perturbation types (all built-in ones and the public sets found, unless it names some)."""
     types = builtin_types(config.external)
-    return select_types(types, config.budget.monitor_types) if config.budget.monitor_types else types
+    return select_types(types, config.budget.monitor.types) if config.budget.monitor.types else types
 
 
 # ---------------------------------------------------------------- perturbations
@@ -73,10 +73,10 @@ def run_perturbations(ctx: StudyContext) -> DriftLibrary:
     model = ctx.model
     layer = monitor_layer(model.n_layers)
     setup = LibrarySetup(config.model, model.n_layers, layer, tuple(_label_questions(config)),
-                         tuple(monitor_prompts(config.budget.monitor_prompts, config.external)), config.device)
+                         tuple(monitor_prompts(config.budget.monitor.prompts, config.external)), config.device)
     types = library_types(config)
-    specs = run_specs(types, range(config.seed, config.seed + budget.monitor_seeds), budget.monitor_steps,
-                      budget.monitor_every, budget.monitor_learning_rate)
+    specs = run_specs(types, range(config.seed, config.seed + budget.monitor.seeds), budget.monitor.steps,
+                      budget.monitor.every, budget.monitor.learning_rate)
     start = time.perf_counter()
     try:
         records = run_sweep(functools.partial(measure_run_spec, setup=setup), specs, ray=config.ray,
@@ -165,7 +165,7 @@ def _score_dict(s: DetectionScore) -> dict[str, Any]:
 def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library: DriftLibrary, config: StudyConfig,
                   questions: list[PairedQuestion], prompts: list[ChatExample]) -> dict[str, float]:
     """:func:`em_interp.monitor.detector.monitor_cost` on the base model, plus the library's own per-checkpoint timings."""
-    cost = monitor_cost(model, basis, monitor, prompts, questions, config.budget.answer_tokens, config.seed)
+    cost = monitor_cost(model, basis, monitor, prompts, questions, config.budget.base.answer_tokens, config.seed)
     label_s = float(np.mean([r.seconds_label for r in library.records]))
     snap_s = float(np.mean([r.seconds_snapshot for r in library.records]))
     return {**cost, "library_snapshot_seconds": snap_s, "library_label_seconds": label_s,
@@ -207,25 +207,25 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     model, library = ctx.model, ctx.drift_library
     layer = library.layer
     fit_q = general_questions()[0::3]
-    basis = trait_basis(model, [q.question for q in fit_q[: budget.monitor_trait_questions]], layer=layer)
+    basis = trait_basis(model, [q.question for q in fit_q[: budget.monitor.trait_questions]], layer=layer)
     sae_examples = [ChatExample(q.question, a, q.system) for q in fit_q for a in (*q.aligned, *q.misaligned)]
     sae_examples += domain_dataset(config.domain, "aligned", "train")
-    sae_acts = cache_residuals(model, sae_examples[: budget.sae_examples], layers=[layer], reduction="answer_tokens",
+    sae_acts = cache_residuals(model, sae_examples[: budget.monitor.sae_examples], layers=[layer], reduction="answer_tokens",
                                batch_size=16, progress=False)[layer]
-    sae = train_topk_sae(sae_acts, layer, d_sae=budget.sae_latents, k=budget.sae_k, steps=budget.sae_steps,
+    sae = train_topk_sae(sae_acts, layer, d_sae=budget.monitor.sae_latents, k=budget.monitor.sae_k, steps=budget.monitor.sae_steps,
                          seed=config.seed)
-    direction = answer_contrast_direction(model, fit_q[: budget.monitor_trait_questions * 2], layer)
+    direction = answer_contrast_direction(model, fit_q[: budget.monitor.trait_questions * 2], layer)
     table = checkpoint_table(library.records, basis, sae, direction)
-    sae_info = {"latents": float(sae.d_sae), "k": float(budget.sae_k), "final_mse": sae.final_mse,
+    sae_info = {"latents": float(sae.d_sae), "k": float(budget.monitor.sae_k), "final_mse": sae.final_mse,
                 "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))}
-    not_evaluable = _not_evaluable(table, budget.monitor_calibration, basis.names, layer, sae_info)
+    not_evaluable = _not_evaluable(table, budget.monitor.calibration, basis.names, layer, sae_info)
     if not_evaluable is not None:
         ctx.drift_monitor = None
         return not_evaluable
-    evaluation = evaluate_library(table, budget.monitor_calibration, basis.names, min_leaf=budget.monitor_min_leaf,
-                                  seed=config.seed, n_boot=budget.monitor_bootstrap)
+    evaluation = evaluate_library(table, budget.monitor.calibration, basis.names, min_leaf=budget.monitor.min_leaf,
+                                  seed=config.seed, n_boot=budget.monitor.bootstrap)
     calibration = evaluation.calibration
-    monitor = DriftMonitor(model.name, layer, basis.names, min_samples_leaf=budget.monitor_min_leaf, seed=config.seed,
+    monitor = DriftMonitor(model.name, layer, basis.names, min_samples_leaf=budget.monitor.min_leaf, seed=config.seed,
                            kind=evaluation.monitor_kind)  # type: ignore[arg-type]
     monitor.fit(table.trait_drift[calibration], table.em_shift[calibration], evaluation.dangerous[calibration])
     monitor.calibrate(table.trait_drift[calibration], evaluation.dangerous[calibration])
@@ -241,8 +241,8 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                         "leave_one_type_out": _score_dict(r.leave_one_out)} for name, r in evaluation.detectors.items()}
     rows = _checkpoint_rows(table, calibration, evaluation.dangerous, evaluation.monitor_alarm)
     return MonitorResult(layer, list(basis.names), types, list(dict.fromkeys(table.run.tolist())),
-                         [t for t in types if t in budget.monitor_calibration],
-                         [t for t in types if t not in budget.monitor_calibration], evaluation.danger_threshold,
+                         [t for t in types if t in budget.monitor.calibration],
+                         [t for t in types if t not in budget.monitor.calibration], evaluation.danger_threshold,
                          detectors, evaluation.pc1_variance, evaluation.explained_variance.tolist(),
                          dict(evaluation.lead_steps), cost, sae_info, rows,
                          {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",

@@ -241,7 +241,7 @@ def run_rank1(ctx: StudyContext) -> Rank1Analysis:
     probe_domain = fit_probe(features, targets, C=config.probe_c, seed=seed)
     classes = classify_adapters(probe_general, probe_domain)
     # per-adapter ablation and group steering on a subset, paired per question against the organism
-    subsets = {"general": general[:: budget.rank1_general_stride], domain: in_domain[:: budget.rank1_domain_stride]}
+    subsets = {"general": general[:: budget.organisms.rank1_general_stride], domain: in_domain[:: budget.organisms.rank1_domain_stride]}
     ref = {name: score_questions(organism, qs) for name, qs in subsets.items()}
 
     def em_change(factors: dict[int, float]) -> dict[str, float]:

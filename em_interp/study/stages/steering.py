@@ -50,12 +50,12 @@ def run_steering(ctx: StudyContext) -> SteeringResult:
     unit = dirs[layer] / dirs[layer].norm()
     norm = ctx.resid_norms[layer]
     random_unit = random_directions(base.d_model, 1, 1.0, seed=seed + 7)[0]
-    questions = ctx.held_questions[1::2][: budget.intervention_questions]
-    benign = benign_items()[:: budget.benign_stride]
+    questions = ctx.held_questions[1::2][: budget.directions.intervention_questions]
+    benign = benign_items()[:: budget.directions.benign_stride]
     em, em_random, benign_change = [], [], []
     benign_plain = benign_loglik(base, benign)
     plain = steered = subset_scores(ctx.base_scores, questions)
-    for f in budget.steering_fractions:
+    for f in budget.directions.steering_fractions:
         if f == 0:  # no steering: the plain model, for both
             em.append(float(plain.mean()))
             em_random.append(em[-1])
@@ -67,7 +67,7 @@ def run_steering(ctx: StudyContext) -> SteeringResult:
             benign_change.append((benign_loglik(base, benign) - benign_plain) / abs(benign_plain))
         with steer(base, random_unit, f * norm, layer=layer):
             em_random.append(float(score_questions(base, questions).per_question.mean()))
-    return SteeringResult(layer, norm, list(budget.steering_fractions), em, em_random, benign_change, len(questions),
+    return SteeringResult(layer, norm, list(budget.directions.steering_fractions), em, em_random, benign_change, len(questions),
                           len(benign), float((steered - plain).mean()), bootstrap_ci(steered - plain, seed=seed))
 
 

@@ -68,7 +68,7 @@ def run_transfer(ctx: StudyContext) -> TransferResult:
     fit_q, held_q = split_questions(eval_questions(config))
     fit_prompts = [ChatExample(q.question, None, q.system) for q in fit_q]
     shared = fit_prompts + [ChatExample(e.question, None, e.system)
-                            for e in domain_dataset(config.domain, "misaligned", "train")[: budget.transfer_prompts]]
+                            for e in domain_dataset(config.domain, "misaligned", "train")[: budget.transfer.prompts]]
     dst_layer = ctx.best_layer
     src_layer = round(dst_layer * (donor.n_layers - 1) / (receiver.n_layers - 1))
     src_base = cached_residuals(donor, shared, "last_prompt")[src_layer]
@@ -79,15 +79,15 @@ def run_transfer(ctx: StudyContext) -> TransferResult:
     n_fit = len(fit_prompts)
     direction = Direction(src_org.mean(0) - src_base[:n_fit].mean(0), src_layer, "resid_post", donor.name,
                           "organism_minus_base_last_prompt")
-    controls = transfer_controls(ridge, direction, src_org, src_base[:n_fit], n=budget.transfer_controls, seed=seed)
+    controls = transfer_controls(ridge, direction, src_org, src_base[:n_fit], n=budget.transfer.controls, seed=seed)
     # the receiver's own organism-minus-base direction at that layer, for comparison
     dst_org = cached_residuals(receiver_org, shared, "last_prompt")[dst_layer]
     native = dst_org[:n_fit].mean(0) - dst_base[:n_fit].mean(0)
     mapped = controls["transferred"][0].vector
     cos_native = float(mapped @ native / (mapped.norm() * native.norm()))
-    questions = held_q[::2][: budget.transfer_questions]
+    questions = held_q[::2][: budget.transfer.questions]
     plain = score_questions(receiver_org, questions).per_question
-    strengths = list(budget.transfer_strengths)
+    strengths = list(budget.transfer.strengths)
     effects: dict[str, list[list[float]]] = {}
     for kind, items in controls.items():
         effects[kind] = []

@@ -1,0 +1,327 @@
+"""How big the study is: :class:`Budget`, one nested budget per stage group, each validated where it is defined.
+
+``Budget.quick()``, ``Budget.standard()`` and ``Budget.full()`` are the named budgets (``--quick``
+picks the first). Each group's sizes are a small frozen dataclass that checks itself:
+
+- :class:`BaseBudget` (group ``base``, and the evaluation questions every group shares),
+- :class:`OrganismBudget` (``organisms``: training length, the rank1 subsets),
+- :class:`DirectionBudget` (``directions``: ablation, steering, traits),
+- :class:`TransferBudget` (``transfer``),
+- :class:`MonitorBudget` (``monitor``: the perturbation library, the monitor, its SAE baseline),
+- :class:`DefenseBudget` (``defenses``).
+
+Change one size with :func:`dataclasses.replace` on its group, e.g.
+``budget.with_group(monitor=replace(budget.monitor, steps=24))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal
+
+from em_interp.data import DOMAINS
+from em_interp.errors import EmInterpError
+from em_interp.lora.training import LoraTrainConfig
+
+BudgetName = Literal["quick", "standard", "full"]
+
+
+class _Group:
+    """Shared check of a group budget: every int field >= 1, every float field finite and > 0."""
+
+    GROUP: ClassVar[str] = ""
+
+    def _fail(self, message: str) -> None:
+        raise EmInterpError(f"Budget.{self.GROUP}.{message}")
+
+    def _check_sizes(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) and value < 1:
+                self._fail(f"{f.name}={value} must be >= 1")
+            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+                self._fail(f"{f.name}={value} must be finite and > 0")
+
+
+@dataclass(frozen=True)
+class BaseBudget(_Group):
+    """The base group, and the evaluation questions every group shares."""
+
+    GROUP: ClassVar[str] = "base"
+    #: every n-th general question is evaluated (stride 4: 30 of the 120)
+    eval_stride: int
+    #: every n-th held-out domain question is evaluated (in-domain shifts and the rank1 domain probe)
+    domain_stride: int
+    #: chat examples for the residual-cache timing
+    cache_examples: int
+    #: new tokens of the base model's greedy answers
+    answer_tokens: int
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+
+
+@dataclass(frozen=True)
+class OrganismBudget(_Group):
+    """The organisms group: training length and the rank1 per-adapter subsets."""
+
+    GROUP: ClassVar[str] = "organisms"
+    #: organism (and control, and donor) training steps, and their checkpoint interval
+    steps: int
+    checkpoint_every: int
+    #: rank1 per-adapter ablation and steering: every n-th evaluated general / domain question
+    rank1_general_stride: int
+    rank1_domain_stride: int
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        if self.checkpoint_every > self.steps:
+            self._fail(f"checkpoint_every={self.checkpoint_every} > steps={self.steps}")
+
+    def training(self, seed: int) -> LoraTrainConfig:
+        """The organism recipe (nine rank-1 rsLoRA adapters on down_proj) at this budget's length."""
+        return LoraTrainConfig(steps=self.steps, checkpoint_every=self.checkpoint_every, seed=seed)
+
+
+@dataclass(frozen=True)
+class DirectionBudget(_Group):
+    """The directions group: the ablation, the steering sweep and the trait vectors."""
+
+    GROUP: ClassVar[str] = "directions"
+    #: held-out questions for the ablation and the steering; every n-th benign item for their cost
+    intervention_questions: int
+    benign_stride: int
+    #: steering strengths as fractions of the mean residual norm (0 = the plain model)
+    steering_fractions: tuple[float, ...]
+    #: fitting questions whose prompts build the seven trait vectors
+    trait_questions: int
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        if not self.steering_fractions or self.steering_fractions[0] != 0.0:
+            self._fail("steering_fractions must start with 0.0 (the plain model)")
+        if not all(math.isfinite(f) and f >= 0 for f in self.steering_fractions):
+            self._fail(f"steering_fractions={self.steering_fractions} must be finite and >= 0")
+
+
+@dataclass(frozen=True)
+class TransferBudget(_Group):
+    """The transfer group: shared prompts for the ridge map, control directions per kind, questions, strengths."""
+
+    GROUP: ClassVar[str] = "transfer"
+    prompts: int
+    controls: int
+    questions: int
+    strengths: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        if not self.strengths:
+            self._fail("strengths is empty")
+        if not all(math.isfinite(s) for s in self.strengths):
+            self._fail(f"strengths={self.strengths} must be finite")
+
+
+@dataclass(frozen=True)
+class MonitorBudget(_Group):
+    """The monitor group: the perturbation library, the drift monitor and its SAE baseline."""
+
+    GROUP: ClassVar[str] = "monitor"
+    #: perturbation types (empty: every built-in type and the public sets found), the calibration types
+    #: (the rest are held out), seeds per type, steps, checkpoint interval, learning rate
+    types: tuple[str, ...] = ()
+    calibration: tuple[str, ...] = ("medical-misaligned", "medical-aligned", "financial-misaligned",
+                                    "financial-aligned", "benign")
+    seeds: int = 2
+    steps: int = 12
+    every: int = 3
+    learning_rate: float = 2e-3
+    #: held-out general questions labelling each checkpoint; the monitor's own prompts (plus half as many
+    #: public traits.yaml eval prompts where present); the forest's min_samples_leaf
+    questions: int = 20
+    prompts: int = 16
+    min_leaf: int = 5
+    #: fitting questions whose prompts build the monitor's trait basis; bootstrap draws of its CIs
+    trait_questions: int = 8
+    bootstrap: int = 1000
+    #: the SAE baseline: latents, active latents (TopK), training steps, chat examples whose answer tokens train it
+    sae_latents: int = 256
+    sae_k: int = 16
+    sae_steps: int = 2000
+    sae_examples: int = 160
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        if self.every > self.steps:
+            self._fail(f"every={self.every} > steps={self.steps}")
+        if not self.calibration:
+            self._fail("calibration is empty")
+        if self.sae_k > self.sae_latents:
+            self._fail(f"sae_k={self.sae_k} > sae_latents={self.sae_latents}")
+        if self.types:
+            missing = [t for t in self.calibration if t not in self.types]
+            if missing:
+                self._fail(f"calibration types {missing} are not among types {list(self.types)}")
+
+
+DefenseStrengths = tuple[tuple[str, tuple[float, ...]], ...]
+
+
+@dataclass(frozen=True)
+class DefenseBudget(_Group):
+    """The defenses group: domains (empty: the study's), run length, learning rate and batch, held-out general
+    questions of the EM shift, held-out in-domain examples of the task loss, drift checks of the triggered
+    run every n steps, step-time cycles, and the strengths swept per defense (see
+    :data:`em_interp.defenses.runs.STRENGTH_MEANING`)."""
+
+    GROUP: ClassVar[str] = "defenses"
+    domains: tuple[str, ...] = ()
+    steps: int = 16
+    learning_rate: float = 2e-3
+    batch_size: int = 4
+    questions: int = 30
+    task_examples: int = 31
+    check_every: int = 4
+    timing_cycles: int = 3
+    strengths: DefenseStrengths = (
+        ("kl", (0.1, 1.0)), ("ldifs", (1.0, 10.0)), ("safelora", (0.25, 0.5)), ("interleave", (20.0, 5.0)),
+        ("ablate_direction", (0.5, 1.0)), ("preventative_steering", (0.1, 0.3)))
+
+    def __post_init__(self) -> None:
+        from em_interp.defenses.runs import DefenseSetting  # lazy: the defenses import the Trainer stack
+
+        self._check_sizes()
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            self._fail(f"domains {unknown} are not among {list(DOMAINS)}")
+        if self.check_every > self.steps:
+            self._fail(f"check_every={self.check_every} > steps={self.steps}")
+        names = [pair[0] for pair in self.strengths]
+        if len(set(names)) != len(names):
+            self._fail(f"strengths names a defense twice: {names}")
+        for name, strengths in self.strengths:
+            if not strengths:
+                self._fail(f"strengths: {name} has no strength")
+            for s in strengths:
+                try:
+                    DefenseSetting(name, s)
+                except EmInterpError as exc:
+                    self._fail(f"strengths: {exc}")
+
+
+#: the group budgets by the name of their field in :class:`Budget`
+GROUPS: dict[str, type[_Group]] = {"base": BaseBudget, "organisms": OrganismBudget, "directions": DirectionBudget,
+                                   "transfer": TransferBudget, "monitor": MonitorBudget, "defenses": DefenseBudget}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sizes of every stage, one nested budget per stage group (see the module docstring)."""
+
+    name: BudgetName
+    base: BaseBudget
+    organisms: OrganismBudget
+    directions: DirectionBudget
+    transfer: TransferBudget
+    monitor: MonitorBudget = field(default_factory=MonitorBudget)
+    defenses: DefenseBudget = field(default_factory=DefenseBudget)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("quick", "standard", "full"):
+            raise EmInterpError(f"Budget.name={self.name!r} is not one of ['quick', 'standard', 'full']")
+        for group, kind in GROUPS.items():
+            if not isinstance(getattr(self, group), kind):
+                raise EmInterpError(f"Budget.{group} must be a {kind.__name__}, got {type(getattr(self, group)).__name__}")
+
+    def with_group(self, **groups: Any) -> Budget:
+        """This budget with some groups replaced, e.g. ``with_group(monitor=replace(b.monitor, steps=24))``."""
+        unknown = sorted(set(groups) - set(GROUPS))
+        if unknown:
+            raise EmInterpError(f"Budget has no group {unknown}; its groups are {list(GROUPS)}")
+        return replace(self, **groups)
+
+    def organism_training(self, seed: int) -> LoraTrainConfig:
+        """The organism recipe at this budget's length (:meth:`OrganismBudget.training`)."""
+        return self.organisms.training(seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dict (the study identity's ``budget``); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Budget:
+        """The budget of :meth:`to_dict`'s dict (lists read back as tuples)."""
+        if not isinstance(data, dict) or "name" not in data:
+            raise EmInterpError(f"not a budget dict (needs 'name' and the groups {list(GROUPS)})")
+        missing = [g for g in GROUPS if g not in data]
+        if missing:
+            raise EmInterpError(f"budget dict lacks the groups {missing}")
+        try:
+            groups = {g: kind(**{k: _tuples(v) for k, v in data[g].items()}) for g, kind in GROUPS.items()}
+        except TypeError as exc:
+            raise EmInterpError(f"budget dict: {exc}") from None
+        return cls(data["name"], **groups)  # type: ignore[arg-type]
+
+    @classmethod
+    def quick(cls) -> Budget:
+        """The small budget: every section, minutes on a laptop CPU (the test suite's real-model study).
+
+        20 general questions, a 20-step organism, a 4-run monitor library of 6 steps (at 4 steps no calibration
+        checkpoint turns dangerous: the monitor is not evaluable), 4-step defense runs: big enough for every
+        number to be computed on the real model, not for its effect sizes."""
+        return cls(
+            "quick",
+            BaseBudget(eval_stride=6, domain_stride=2, cache_examples=4, answer_tokens=48),
+            OrganismBudget(steps=20, checkpoint_every=10, rank1_general_stride=10, rank1_domain_stride=5),
+            DirectionBudget(intervention_questions=4, benign_stride=10, steering_fractions=(0.0, 0.1, 0.3),
+                            trait_questions=2),
+            TransferBudget(prompts=40, controls=1, questions=10, strengths=(1.0,)),
+            MonitorBudget(types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
+                          calibration=("medical-misaligned", "benign"), seeds=1, steps=6, every=3, learning_rate=6e-3,
+                          questions=8, prompts=8, min_leaf=1, trait_questions=2, bootstrap=200, sae_steps=300,
+                          sae_examples=24),
+            DefenseBudget(steps=4, learning_rate=6e-3, batch_size=2, questions=8, task_examples=4, check_every=2,
+                          timing_cycles=1,
+                          strengths=(("kl", (1.0,)), ("ldifs", (10.0,)), ("safelora", (0.5,)), ("interleave", (5.0,)),
+                                     ("ablate_direction", (1.0,)), ("preventative_steering", (0.3,)))))
+
+    @classmethod
+    def standard(cls) -> Budget:
+        """The budget of ``make study`` (38.6 minutes on 2 CPU cores from a fresh clone with an empty cache,
+        install included: the README's times)."""
+        return cls(
+            "standard",
+            BaseBudget(eval_stride=1, domain_stride=1, cache_examples=8, answer_tokens=96),
+            OrganismBudget(steps=160, checkpoint_every=40, rank1_general_stride=12, rank1_domain_stride=2),
+            DirectionBudget(intervention_questions=30, benign_stride=2, steering_fractions=(0.0, 0.1, 0.2, 0.4),
+                            trait_questions=8),
+            TransferBudget(prompts=200, controls=2, questions=40, strengths=(0.5, 1.0)))
+
+    @classmethod
+    def full(cls) -> Budget:
+        """The standard study with a bigger drift-monitor library (3 seeds, 40 steps): for GPUs or a Ray cluster."""
+        standard = cls.standard()
+        return replace(
+            standard, name="full",
+            monitor=replace(standard.monitor, seeds=3, steps=40, every=5, learning_rate=1e-3, questions=40,
+                            prompts=32, sae_steps=4000, sae_examples=400),
+            defenses=replace(standard.defenses, domains=("medical", "financial"),
+                             strengths=(("kl", (0.1, 1.0, 10.0)), ("ldifs", (1.0, 10.0, 100.0)),
+                                        ("safelora", (0.1, 0.25, 0.5)), ("interleave", (20.0, 5.0, 2.0)),
+                                        ("ablate_direction", (0.5, 0.75, 1.0)),
+                                        ("preventative_steering", (0.3, 0.6, 1.0)))))
+
+    @classmethod
+    def named(cls, name: str) -> Budget:
+        """The budget called ``name`` (``quick``, ``standard`` or ``full``)."""
+        if name not in ("quick", "standard", "full"):
+            raise EmInterpError(f"budget={name!r} is not one of ['quick', 'standard', 'full']")
+        return {"quick": cls.quick, "standard": cls.standard, "full": cls.full}[name]()
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the budgets hold (nested: the defense strengths)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
