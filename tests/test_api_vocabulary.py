@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import em_interp
-from em_interp import EmInterpError
+from em_interp import EmInterpError, options
 from em_interp.lora.adapters import parse_module_name
 
 PACKAGE = Path(em_interp.__file__).parent
@@ -26,6 +26,32 @@ def test_core_verbs_are_importable_from_the_package():
                  "random_directions", "orthogonal_directions", "shuffled_label_directions", "benign_loglik"):
         assert callable(getattr(em_interp, name)), name
     assert set(em_interp.__all__) <= set(dir(em_interp))
+
+
+def test_the_top_level_is_curated_lazy_and_typed():
+    """About 30 names, each resolving to its module's object; the TYPE_CHECKING imports list the same names;
+    ``import em_interp`` imports neither torch nor the Trainer stack; names moved off the top level warn."""
+    import subprocess
+    import sys
+
+    names = set(em_interp.__all__) - {"__version__", "EmInterpError"}
+    assert 25 <= len(em_interp.__all__) <= 40
+    for name in names:
+        module = __import__(em_interp._PUBLIC[name], fromlist=["_"])
+        assert getattr(em_interp, name) is getattr(module, name), name
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    typed = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.If)
+             for stmt in node.body if isinstance(stmt, ast.ImportFrom) for a in stmt.names}
+    assert typed == names
+    code = ("import sys, em_interp; heavy = [m for m in ('torch', 'transformers', 'peft', 'transformer_lens') "
+            "if m in sys.modules]; print(heavy)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    for name in em_interp._MOVED:
+        with pytest.warns(DeprecationWarning, match=f"import it from {em_interp._MOVED[name]}"):
+            getattr(em_interp, name)
+    assert em_interp.defenses.KLDefense.__name__ == "KLDefense"  # subpackages load on attribute access
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        em_interp.nope  # noqa: B018
 
 
 def test_every_exception_class_is_an_eminterp_error():
@@ -73,10 +99,10 @@ def test_option_strings_are_checked_once_and_named(tiny_models, call, argument):
 
 def test_option_parameters_are_literal_types():
     hints = typing.get_type_hints(em_interp.cache_residuals)
-    assert typing.get_args(hints["reduction"]) == em_interp.REDUCTIONS
-    assert typing.get_args(hints["hook"]) == em_interp.HOOKS
+    assert typing.get_args(hints["reduction"]) == options.REDUCTIONS
+    assert typing.get_args(hints["hook"]) == options.HOOKS
     steer_hints = typing.get_type_hints(inspect.unwrap(em_interp.steer))
-    assert typing.get_args(steer_hints["where"]) == em_interp.WHERE
+    assert typing.get_args(steer_hints["where"]) == options.WHERE
 
 
 @pytest.mark.parametrize(("name", "expected"), [

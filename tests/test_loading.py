@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from em_interp import ChatExample, EmInterpError, ModelLoadError, NetworkDisabledError, load_model
+from em_interp import ChatExample, EmInterpError, load_model
+from em_interp.errors import ModelLoadError, NetworkDisabledError
 from em_interp.loading import CONVERSION_MARKER, ensure_converted
 from tests.helpers import save_tiny_model
 
