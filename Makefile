@@ -50,20 +50,24 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check em_interp tests benchmarks tools
 	$(VENV)/bin/mypy
 
+# jaxtyping's run-time shape checks on the package for the tiny-model tests (tests/shapes.py: array-typed
+# arguments only; the rest is mypy's)
+SHAPES := --jaxtyping-packages=em_interp,tests.shapes.shape_checked
+
 # Two runs: the tests on tiny models (and the notebooks' kernels) in two single-threaded workers, where the
 # Python overhead of many small tests parallelises (1.2x faster than one two-threaded process, measured);
 # then the real-model tests in one process with both threads (its matmuls scale 1.8x with the second thread).
 test: $(STAMP)
 	$(VENV)/bin/ruff check em_interp tests benchmarks tools
 	$(VENV)/bin/mypy
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 -m "not integration" --durations=25
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 -m "not integration" --durations=25 $(SHAPES)
 	$(PY) -m pytest -q -ra -m integration --durations=25
 
 # the inner loop: lint + every test on tiny random models (no real model, no notebook kernel, no quick study)
 test-unit: $(STAMP)
 	$(VENV)/bin/ruff check em_interp tests benchmarks tools
 	$(VENV)/bin/mypy
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 -m "not integration and not notebook" --durations=10
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 -m "not integration and not notebook" --durations=10 $(SHAPES)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py

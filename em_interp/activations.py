@@ -41,7 +41,7 @@ from em_interp.options import HOOKS, REDUCTIONS, Hook, Reduction, check_option
 #: MLP's hidden activation, i.e. the input of down_proj, width d_mlp).
 ACTIVATION_SITES: tuple[str, ...] = HOOKS
 
-Activations = Float[Tensor, "rows d_model"]
+Activations = Float[Tensor, "rows width"]
 
 
 class ResidualCache:

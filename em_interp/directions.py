@@ -23,7 +23,10 @@ from em_interp.errors import EmInterpError
 from em_interp.options import HOOKS
 
 Vector = Float[Tensor, " d_model"]
-Acts = Float[Tensor, "n d_model"]
+#: two sets passed together may differ in size (positive and negative rows, and the fitting rows of
+#: :func:`separation`), so each has its own row dimension
+Positive = Float[Tensor, "n_pos d_model"]
+Negative = Float[Tensor, "n_neg d_model"]
 
 #: Directions with a smaller norm than this are treated as zero (no shift, e.g. before the first adapter).
 ZERO_NORM = 1e-6
@@ -98,7 +101,7 @@ def _check_acts(name: str, acts: Tensor) -> Tensor:
     return acts
 
 
-def diff_of_means(positive: Acts, negative: Acts) -> Vector:
+def diff_of_means(positive: Positive, negative: Negative) -> Vector:
     """Mean of ``positive`` minus mean of ``negative`` (unnormalised)."""
     positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
     if positive.shape[1] != negative.shape[1]:
@@ -127,7 +130,7 @@ def answer_contrast_direction(model: Any, questions: Sequence[Any], layer: int, 
     return diff_of_means(acts["misaligned"], acts["aligned"])
 
 
-def pca_direction(positive: Acts, negative: Acts, paired: bool = True) -> Vector:
+def pca_direction(positive: Positive, negative: Negative, paired: bool = True) -> Vector:
     """First principal component of the paired differences, uncentred (or of the pooled, centred activations).
 
     Paired differences are not centred: a shift shared by all pairs is exactly the signal sought.
@@ -148,7 +151,7 @@ def pca_direction(positive: Acts, negative: Acts, paired: bool = True) -> Vector
     return pc * (sign if sign != 0 else 1.0)
 
 
-def probe_direction(positive: Acts, negative: Acts, C: float = 1.0, seed: int = 0) -> Vector:  # noqa: N803
+def probe_direction(positive: Positive, negative: Negative, C: float = 1.0, seed: int = 0) -> Vector:  # noqa: N803
     """Weight vector of an L2 logistic regression separating ``positive`` from ``negative`` (raw units)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -168,8 +171,9 @@ class Separation:
     threshold: float
 
 
-def separation(direction: Tensor, positive: Acts, negative: Acts,
-               fit_positive: Acts | None = None, fit_negative: Acts | None = None) -> Separation:
+def separation(direction: Vector, positive: Positive, negative: Negative,
+               fit_positive: Float[Tensor, "n_fit_pos d_model"] | None = None,
+               fit_negative: Float[Tensor, "n_fit_neg d_model"] | None = None) -> Separation:
     """AUROC and thresholded accuracy of projections on ``direction`` (positive should project higher).
 
     The threshold is the midpoint of the two classes' mean projections on the fitting sets
@@ -213,7 +217,7 @@ def project_out(vector: Tensor, basis: Sequence[Tensor]) -> Tensor:
     return out - q @ (q.T @ out)
 
 
-def separation_ci(direction: Vector, positive: Acts, negative: Acts, n_boot: int = 1000, seed: int = 0,
+def separation_ci(direction: Vector, positive: Positive, negative: Negative, n_boot: int = 1000, seed: int = 0,
                   level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the AUROC of projections on ``direction`` (rows of each set resampled).
 
@@ -239,7 +243,7 @@ def separation_ci(direction: Vector, positive: Acts, negative: Acts, n_boot: int
     return float(np.quantile(aurocs, tail)), float(np.quantile(aurocs, 1 - tail))
 
 
-def accuracy_at(direction: Vector, threshold: float, positive: Acts, negative: Acts) -> float:
+def accuracy_at(direction: Vector, threshold: float, positive: Positive, negative: Negative) -> float:
     """Accuracy of calling ``positive`` rows positive and ``negative`` rows negative at a fixed threshold.
 
     Use it to apply a threshold fitted elsewhere (e.g. :func:`separation` on another pair of sets);
@@ -278,7 +282,7 @@ def orthogonal_directions(direction: Vector, n: int = 1, seed: int = 0) -> list[
     return out
 
 
-def shuffled_label_directions(positive: Acts, negative: Acts, n: int = 1, seed: int = 0) -> list[Vector]:
+def shuffled_label_directions(positive: Positive, negative: Negative, n: int = 1, seed: int = 0) -> list[Vector]:
     """Difference-of-means directions with the positive/negative labels randomly permuted (seeded)."""
     positive, negative = _check_acts("positive", positive), _check_acts("negative", negative)
     pooled = torch.cat([positive, negative])

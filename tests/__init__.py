@@ -1,0 +1,3 @@
+"""em_interp's tests."""
+
+from tests import shapes as shapes  # the run-time shape checker named by --jaxtyping-packages (tests.shapes)

@@ -36,6 +36,18 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["EM_INTERP_CACHE"] = old
 
 
+@pytest.fixture
+def no_shape_checks():
+    """Switch jaxtyping's run-time shape checks (``--jaxtyping-packages``, see tests/shapes.py) off for one test:
+    for tests that pass a mismatched shape on purpose, to see the package's own error naming it."""
+    import jaxtyping
+
+    old = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", old)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One saved tiny model folder per architecture."""

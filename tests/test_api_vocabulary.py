@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 import em_interp
 from em_interp import EmInterpError, options
@@ -89,7 +90,7 @@ def test_raised_builtin_errors_are_only_internal():
     (lambda m: em_interp.cache_residuals(m, [em_interp.ChatExample("q", "a")], reduction="mean"), "reduction='mean'"),
     (lambda m: em_interp.cache_residuals(m, [em_interp.ChatExample("q", "a")], hook="resid"), "hook='resid'"),
     (lambda m: m.hook_name(0, "resid"), "hook='resid'"),
-    (lambda m: em_interp.steer(m, em_interp.Direction([1.0] * m.d_model, 0), 1.0, where="everywhere").__enter__(),
+    (lambda m: em_interp.steer(m, em_interp.Direction(torch.ones(m.d_model), 0), 1.0, where="everywhere").__enter__(),
      "where='everywhere'"),
 ])
 def test_option_strings_are_checked_once_and_named(tiny_models, call, argument):
@@ -194,3 +195,22 @@ def test_the_runner_and_the_stages_share_a_contract_and_do_not_import_each_other
     assert not {m for m in imports(study / "contract.py") if m.startswith(("em_interp.study.stages", "em_interp.study.runner"))}
     for stage_module in (study / "stages").glob("*.py"):
         assert "em_interp.study.runner" not in imports(stage_module), stage_module.name
+
+
+def test_unit_tests_check_array_shapes_at_run_time(pytestconfig):
+    """`make test` and `make test-unit` run the tiny-model tests under jaxtyping's import hook (tests/shapes.py):
+    a width that disagrees between two arguments fails in the call; without the option this test skips."""
+    makefile = (PACKAGE.parent / "Makefile").read_text()
+    assert "SHAPES := --jaxtyping-packages=em_interp,tests.shapes.shape_checked" in makefile
+    assert makefile.count("$(SHAPES)") == 2  # make test's tiny-model run and make test-unit
+    if not pytestconfig.getoption("jaxtyping_packages", None):
+        pytest.skip("run without --jaxtyping-packages")
+    import jaxtyping
+
+    from em_interp.directions import diff_of_means, separation
+
+    with pytest.raises(jaxtyping.TypeCheckError, match="negative"):
+        diff_of_means(torch.randn(3, 4), torch.randn(2, 5))
+    with pytest.raises(jaxtyping.TypeCheckError, match="direction"):
+        separation(torch.randn(5), torch.randn(3, 4), torch.randn(2, 4))
+    assert diff_of_means(torch.randn(3, 4), torch.randn(2, 4)).shape == (4,)  # rows may differ, widths may not
