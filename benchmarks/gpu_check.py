@@ -363,7 +363,7 @@ def check_shape(shape: str, sizes: Sizes, device: str, peak: float, work: Path) 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """One line per shape: the ratios and rates the issue's targets name."""
+    """One line per shape: the ratios and rates the GPU targets name (README, GPU check)."""
     head = (f"{'shape':14s} {'params':>7s} {'cache x':>8s} {'score ans/s':>11s} {'score x':>8s} {'step s':>8s} "
             f"{'step x':>7s} {'% peak':>7s} {'gen tok/s':>9s} {'gen x':>6s} {'steer x':>7s} {'score |d|':>9s} "
             f"{'dir cos':>7s} {'steer r':>7s}")

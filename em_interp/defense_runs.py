@@ -18,9 +18,9 @@ from em_interp.defenses.runs import (  # noqa: F401
               evaluate_adapter,
               measure_defense_run,
               measure_safelora,
-              step_time_ratios,
               task_examples,
 )
+from em_interp.defenses.timing import step_time_ratios  # noqa: F401
 
 warnings.warn("em_interp.defense_runs moved to em_interp.defenses.runs; the old path goes in the next release",
               DeprecationWarning, stacklevel=2)

@@ -29,8 +29,8 @@ from em_interp.defenses.runs import (
     DefenseSetting,
     DefenseSetup,
     measure_defense_run,
-    step_time_ratios,
 )
+from em_interp.defenses.timing import step_time_ratios
 from em_interp.directions import Direction
 from em_interp.lora.training import LoraTrainConfig, train_lora
 from em_interp.monitor.drift import label_questions

@@ -375,5 +375,3 @@ def alignment_from_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor],
     digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:24]
     return updates, digest
 
-
-from em_interp.defenses.timing import step_time_ratios  # noqa: E402, F401 (its home before the split)

@@ -55,7 +55,7 @@ from em_interp.study.context import StudyContext
 from em_interp.study.contract import NO_RESTORE, Headline, Stage
 from em_interp.study.records import record_type
 
-#: the target of the defenses issue: EM reduction >= 80% at a task-loss rise <= 10%
+#: em_interp's bar for a defense: an EM reduction >= 80% at a task-loss rise <= 10%
 TARGET_REDUCTION, TARGET_COST = 0.8, 0.10
 
 record_type(DefenseRunRecord)

@@ -309,7 +309,7 @@ def ablation_section(r: AblationResult, config: StudyConfig) -> Section:
          "benign answers (positive = likelier).",
          f"Top-level numbers in results.json: {PRIMARY_ABLATION} (its control row is zero by construction, so read the "
          "control rows of the other two methods for how much a plain ablation of this direction moves the control). "
-         "Targets (issue): removed >= 0.5, random <= 0.1, control <= 0.1, benign cost <= 5%."],
+         "em_interp's targets: removed >= 0.5, random <= 0.1, control <= 0.1, benign cost <= 5%."],
         table=table, figures=[fig])
 
 
