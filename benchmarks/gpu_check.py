@@ -100,42 +100,19 @@ DRY_SIZES = Sizes(examples=8, batch_size=4, answer_words=12, train_steps=2, trai
                   new_tokens=4, prompts=2, matmul_n=64, repeats=1)
 
 
-def make_tokenizer(vocab_size: int = 512) -> Any:
-    """A small byte-level BPE tokenizer with ChatML special tokens and template (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(_WORDS)] * 8, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    fast.chat_template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-                          " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                          "{% endif %}")
-    return fast
-
-
 def save_random_model(shape: str, folder: Path, seed: int = 0) -> Path:
     """Build ``shape`` with seeded random weights (fp32) and save it with the tokenizer to ``folder``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config
+
+    from em_interp.testing import make_tokenizer, save_seeded_model
 
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(corpus=[" ".join(_WORDS)] * 2)  # this script's words are whole tokens
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     config = config_cls(**spec, max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.config.architectures = [type(model).__name__]
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_seeded_model(config, tokenizer, folder, seed)
 
 
 def chat_examples(n: int, answer_words: int, seed: int = 0) -> list[Any]:
