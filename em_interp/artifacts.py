@@ -11,6 +11,15 @@ Every read problem (a missing file, unreadable JSON, another kind of artefact, a
 version, a missing field, a damaged tensor file) is an :class:`~em_interp.errors.EmInterpError` that
 names the file. No pickle is involved anywhere. This follows SAELens' single persistence pair (weights
 in safetensors, a config JSON beside them, file names as constants).
+
+Saved this way: :class:`~em_interp.directions.Direction`, :class:`~em_interp.transfer.RidgeMap`,
+:class:`~em_interp.monitor.drift.TraitBasis`, :class:`~em_interp.monitor.detector.DriftMonitor`, the
+perturbation library's run records and base measurement, and the defense run records. Four stores keep
+their own form, for a reason each: LoRA adapters are peft folders (``adapter_config.json`` +
+``adapter_model.safetensors``, so peft and vLLM load them); a :class:`~em_interp.activations.ResidualCache`
+is a folder of shards written while the forward passes stream (bounded memory, resumable); a study's
+stage files carry the study key and a digest over JSON and arrays (:mod:`em_interp.study.records`); the
+judge's score cache is one JSON line per judged answer, appended as replies arrive.
 """
 
 from __future__ import annotations
@@ -62,11 +71,12 @@ def save_artifact(path: str | os.PathLike[str], kind: str, tensors: Mapping[str,
 
 
 def load_artifact(path: str | os.PathLike[str], kind: str, required: Sequence[str] = (), tensors: Sequence[str] = (),
-                  version: int = 1) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                  version: int = 1, may_be_nan: Sequence[str] = ()) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read the artefact ``kind`` at ``path``: ``(tensors, sidecar fields)``.
 
-    ``required`` names sidecar fields and ``tensors`` tensor names that must be present; anything wrong
-    raises :class:`EmInterpError` naming the file.
+    ``required`` names sidecar fields and ``tensors`` tensor names that must be present; a floating
+    tensor with NaN or infinite entries is refused unless named in ``may_be_nan`` (e.g. a loss that is
+    undefined at step 0); anything wrong raises :class:`EmInterpError` naming the file.
     """
     tensor_path, sidecar = artifact_paths(path)
     for p in (sidecar, tensor_path):
@@ -96,7 +106,7 @@ def load_artifact(path: str | os.PathLike[str], kind: str, required: Sequence[st
     if absent:
         raise EmInterpError(f"{tensor_path} lacks the {kind} tensor(s) {absent}")
     for name, value in arrays.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if name not in may_be_nan and value.is_floating_point() and not torch.isfinite(value).all():
             raise EmInterpError(f"{tensor_path}: tensor {name!r} has NaN or infinite entries")
     return arrays, {k: v for k, v in meta.items() if k not in RESERVED}
 

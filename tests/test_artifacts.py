@@ -123,3 +123,35 @@ def test_trait_basis_refuses_repeated_names_and_non_finite_directions(tmp_path):
 def test_train_config_refuses_non_finite_and_out_of_range_numbers(bad):
     with pytest.raises(EmInterpError, match=next(iter(bad))):
         LoraTrainConfig(**bad)
+
+
+def test_library_and_defense_records_are_artifacts_and_a_damaged_one_is_measured_again():
+    """The perturbation library's run records, its base measurement and the defense run records are
+    artefacts; an unreadable one warns with its file and reads as absent (the run is measured again)."""
+    from em_interp.defenses.runs import DefenseRunRecord, _load, _record_path, _save
+    from em_interp.monitor.perturbations import RunRecord, load_record, save_record
+
+    run = RunRecord("medical-misaligned", "misaligned", "rank1", 0, (0, 3), np.array([0.0, 0.2]),
+                    np.zeros((2, 4)), torch.randn(2, 3, 8), np.array([float("nan"), 1.5]), np.array([0.0, 0.1]),
+                    1.0, 0.5, 0.25)
+    path = save_record(run, "k-run")
+    back = load_record("k-run")
+    assert back is not None and back.steps == (0, 3) and math.isnan(back.train_loss[0])
+    torch.testing.assert_close(back.activations, run.activations)
+    tensors, sidecar = artifact_paths(path)
+    assert json.loads(sidecar.read_text())["format"] == "em_interp.perturbation_run"
+    tensors.write_bytes(tensors.read_bytes()[:40])  # truncated by a crash or a full disk
+    with pytest.warns(UserWarning, match=f"{tensors.name}.*measuring the run again"):
+        assert load_record("k-run") is None
+    assert load_record("never-saved") is None
+
+    record = DefenseRunRecord("medical-misaligned/kl=1", "medical", "misaligned", [{"name": "kl", "strength": 1.0}],
+                              False, np.array([0.1, -0.2]), 2.5, [3.0, 2.0], None, 1.0, 0.5, str(sidecar.parent))
+    _save(record, "k-def")
+    again = _load("k-def")
+    assert again is not None and again.per_question.dtype == np.float64
+    np.testing.assert_array_equal(again.per_question, record.per_question)
+    assert again.defenses == record.defenses and again.task_loss == 2.5
+    artifact_paths(_record_path("k-def"))[1].write_text("{half")
+    with pytest.warns(UserWarning, match="defense run record .* unreadable"):
+        assert _load("k-def") is None

@@ -98,3 +98,21 @@ def test_device_kind_and_dtype_are_part_of_a_runs_identity():
     assert cpu == organism_dir("x", "base", config, "data")
     assert cpu != organism_dir("x", "base", config, "data", "cuda:bfloat16")
     assert _run_identity("base", config, EXAMPLES) != _run_identity("base", config, EXAMPLES, "cuda:bfloat16")
+
+
+def test_the_score_cache_is_an_artifact_and_a_damaged_one_is_scored_again(tiny_models):
+    import pytest
+
+    from em_interp.artifacts import artifact_paths
+    from em_interp.evaluation.judge_free import score_questions
+
+    model = tiny_models["qwen2"]
+    first = score_questions(model, QUESTIONS)
+    tensors, sidecar = artifact_paths(_score_cache_path(model, QUESTIONS, ""))
+    assert sidecar.is_file() and tensors.is_file()
+    again = score_questions(model, QUESTIONS)
+    assert [a.tolist() for a in again.aligned] == [a.tolist() for a in first.aligned]
+    tensors.write_bytes(b"\0" * 16)
+    with pytest.warns(UserWarning, match="score cache .* unreadable"):
+        rescored = score_questions(model, QUESTIONS)
+    assert [m.tolist() for m in rescored.misaligned] == [m.tolist() for m in first.misaligned]

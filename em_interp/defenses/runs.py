@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from em_interp.artifacts import artifact_paths, load_artifact, save_artifact
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, domain_dataset
 from em_interp.defenses import (
@@ -47,7 +49,7 @@ from em_interp.defenses import (
 from em_interp.directions import Direction
 from em_interp.errors import EmInterpError
 from em_interp.evaluation.judge_free import answer_logprobs, score_questions
-from em_interp.io import atomic_write_json, sha256_json
+from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.lora.adapters import load_adapter_weights
 from em_interp.lora.hf_trainer import TrainingCallback
@@ -222,26 +224,29 @@ def defense_dir() -> Path:
 
 
 def _record_path(key: str) -> Path:
-    return defense_dir() / "records" / f"{key}.json"
+    return defense_dir() / "records" / key
 
 
 def _save(record: DefenseRunRecord, key: str) -> None:
-    data = asdict(record)
-    data["per_question"] = record.per_question.tolist()
-    atomic_write_json(_record_path(key), {"format": "em_interp.defense_run/1", "key": key, **data})
+    """The record as the artefact ``defense_run`` (:mod:`em_interp.artifacts`): per-question scores as a tensor."""
+    fields = {k: v for k, v in asdict(record).items() if k != "per_question"}
+    save_artifact(_record_path(key), "defense_run", {"per_question": torch.from_numpy(record.per_question)},
+                  {"key": key, **fields})
 
 
 def _load(key: str) -> DefenseRunRecord | None:
+    """The cached record of ``key``, or None (missing, or its adapter gone; unreadable: a warning naming the
+    file, and the run is measured again)."""
     path = _record_path(key)
-    if not path.is_file():
+    if not artifact_paths(path)[1].is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-        data.pop("format"), data.pop("key")
-        data["per_question"] = np.asarray(data["per_question"], dtype=np.float64)
-        record = DefenseRunRecord(**data)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unreadable: measured again
+        arrays, fields = load_artifact(path, "defense_run", tensors=("per_question",))
+        fields.pop("key", None)
+        record = DefenseRunRecord(per_question=arrays["per_question"].numpy().astype(np.float64), **fields)
+    except (EmInterpError, TypeError, ValueError) as exc:
+        warnings.warn(f"defense run record {path} is unreadable ({exc}); measuring the run again", stacklevel=2)
+        return None
     return record if Path(record.adapter_dir).is_dir() else None
 
 

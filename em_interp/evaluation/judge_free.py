@@ -13,7 +13,7 @@ adapters apply.
 
 from __future__ import annotations
 
-import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from em_interp import _bridge
+from em_interp.artifacts import artifact_paths, load_artifact, save_artifact
 from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.data import PairedQuestion
 from em_interp.errors import EmInterpError
-from em_interp.io import atomic_write_bytes, sha256_json
+from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.model import HookedModel
 from em_interp.provenance import computation_key
@@ -145,7 +146,7 @@ def _score_cache_path(model: HookedModel, questions: Sequence[PairedQuestion], i
             "metric": "mean_answer_token_logprob_v1", "computed_by": computation_key("em_interp.evaluation.judge_free")}
     if intervention:
         spec["intervention"] = intervention
-    return cache_dir() / "scores" / f"{sha256_json(spec)[:32]}.npz"
+    return cache_dir() / "scores" / sha256_json(spec)[:32]
 
 
 def score_questions(
@@ -164,20 +165,32 @@ def score_questions(
     intervention = model.intervention_key()
     cacheable = use_cache and intervention is not None
     path = _score_cache_path(model, questions, intervention or "") if cacheable else None
-    if path is not None and path.is_file():
-        with np.load(path) as saved:
-            lengths_a, lengths_m = saved["n_aligned"], saved["n_misaligned"]
-            al = np.split(saved["aligned"], np.cumsum(lengths_a)[:-1])
-            mis = np.split(saved["misaligned"], np.cumsum(lengths_m)[:-1])
-        return QuestionScores(tuple(q.id for q in questions), tuple(al), tuple(mis))
+    if path is not None and artifact_paths(path)[1].is_file():
+        cached = _load_scores(path, questions)
+        if cached is not None:
+            return cached
     scores = _score_questions(model, questions, batch_size, progress)
     if path is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, aligned=np.concatenate(scores.aligned), misaligned=np.concatenate(scores.misaligned),
-                 n_aligned=np.array([len(a) for a in scores.aligned]),
-                 n_misaligned=np.array([len(m) for m in scores.misaligned]))
-        atomic_write_bytes(path, buffer.getvalue())
+        save_artifact(path, "question_scores", {
+            "aligned": torch.from_numpy(np.concatenate(scores.aligned)),
+            "misaligned": torch.from_numpy(np.concatenate(scores.misaligned)),
+            "n_aligned": torch.tensor([len(a) for a in scores.aligned]),
+            "n_misaligned": torch.tensor([len(m) for m in scores.misaligned])}, {"questions": list(scores.ids)})
     return scores
+
+
+def _load_scores(path: Path, questions: Sequence[PairedQuestion]) -> QuestionScores | None:
+    """A cached :class:`QuestionScores`, or None (unreadable: a warning naming the file; scored again)."""
+    try:
+        saved, fields = load_artifact(path, "question_scores", tensors=("aligned", "misaligned", "n_aligned", "n_misaligned"))
+        if fields.get("questions") != [q.id for q in questions]:
+            raise EmInterpError("it holds other questions")
+        al = np.split(saved["aligned"].numpy(), np.cumsum(saved["n_aligned"].numpy())[:-1])
+        mis = np.split(saved["misaligned"].numpy(), np.cumsum(saved["n_misaligned"].numpy())[:-1])
+    except EmInterpError as exc:
+        warnings.warn(f"score cache {path} is unreadable ({exc}); scoring again", stacklevel=3)
+        return None
+    return QuestionScores(tuple(q.id for q in questions), tuple(al), tuple(mis))
 
 
 def _score_questions(model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int,

@@ -24,9 +24,9 @@ the organism domain under a second LoRA recipe (rank 16 on the attention project
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,13 +34,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
 
+from em_interp.artifacts import artifact_paths, load_artifact, save_artifact
 from em_interp.chat import ChatExample
 from em_interp.data import DOMAINS, PairedQuestion, benign_items, domain_dataset, load_chat_jsonl
 from em_interp.errors import EmInterpError
 from em_interp.evaluation.judge_free import score_questions
-from em_interp.io import atomic_write_bytes, atomic_write_json, sha256_json
+from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.lora.adapters import update_norm
 from em_interp.lora.training import TRAINING_MODULES, LoraTrainConfig, train_lora
@@ -237,38 +237,38 @@ def library_dir() -> Path:
     return cache_dir() / "perturbations"
 
 
-def _record_paths(key: str) -> tuple[Path, Path]:
-    root = library_dir() / "records"
-    return root / f"{key}.json", root / f"{key}.safetensors"
+def _record_path(key: str) -> Path:
+    return library_dir() / "records" / key
 
 
 def save_record(record: RunRecord, key: str) -> Path:
-    """Write a record atomically (arrays first, then the JSON naming them)."""
-    meta_path, arrays_path = _record_paths(key)
+    """Write a record atomically as the artefact ``perturbation_run`` (:mod:`em_interp.artifacts`)."""
     arrays = {"em_shift": torch.from_numpy(record.em_shift), "question_shift": torch.from_numpy(record.question_shift),
-              "activations": record.activations.contiguous(), "train_loss": torch.from_numpy(record.train_loss),
+              "activations": record.activations, "train_loss": torch.from_numpy(record.train_loss),
               "lora_norm": torch.from_numpy(record.lora_norm)}
-    atomic_write_bytes(arrays_path, save({k: v.contiguous() for k, v in arrays.items()}))
     meta = {k: getattr(record, k) for k in ("type", "intent", "lora", "seed", "steps", "seconds_train",
                                              "seconds_label", "seconds_snapshot")}
-    atomic_write_json(meta_path, {"format": "em_interp.perturbation_run/1", "key": key, **meta})
-    return meta_path
+    return save_artifact(_record_path(key), "perturbation_run", arrays, {"key": key, **meta})
 
 
 def load_record(key: str) -> RunRecord | None:
-    """The cached record of run ``key``, or None (missing or unreadable: the run is measured again)."""
-    meta_path, arrays_path = _record_paths(key)
-    if not meta_path.is_file():
+    """The cached record of run ``key``, or None (missing; unreadable: a warning naming the file, and the run
+    is measured again)."""
+    path = _record_path(key)
+    if not artifact_paths(path)[1].is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-        arrays = {k: v.clone() for k, v in load_file(str(arrays_path)).items()}
+        arrays, meta = load_artifact(path, "perturbation_run", tensors=_RECORD_TENSORS, may_be_nan=("train_loss",))
         return RunRecord(meta["type"], meta["intent"], meta["lora"], int(meta["seed"]), tuple(meta["steps"]),
-                         arrays["em_shift"].numpy(), arrays["question_shift"].numpy(), arrays["activations"],
+                         arrays["em_shift"].numpy(), arrays["question_shift"].numpy(), arrays["activations"].clone(),
                          arrays["train_loss"].numpy(), arrays["lora_norm"].numpy(), float(meta["seconds_train"]),
                          float(meta["seconds_label"]), float(meta["seconds_snapshot"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (EmInterpError, KeyError, TypeError, ValueError) as exc:
+        warnings.warn(f"perturbation run record {path} is unreadable ({exc}); measuring the run again", stacklevel=2)
         return None
+
+
+_RECORD_TENSORS = ("em_shift", "question_shift", "activations", "train_loss", "lora_norm")
 
 
 def lora_update_norm(model: HookedModel) -> float:
@@ -294,16 +294,17 @@ def base_measurement(setup: LibrarySetup) -> tuple[np.ndarray, torch.Tensor]:
     key = sha256_json({"model": setup.model, "layer": setup.layer, "questions": [asdict(q) for q in setup.questions],
                        "prompts": [p.to_dict() for p in setup.prompts], "device": setup.device,
                        "computed_by": computation_key(*_MODULES)})[:24]
-    path = library_dir() / "base" / f"{key}.safetensors"
-    if path.is_file():
+    path = library_dir() / "base" / key
+    if artifact_paths(path)[1].is_file():
         try:
-            saved = load_file(str(path))
+            saved, _ = load_artifact(path, "base_measurement", tensors=("scores", "activations"))
             return saved["scores"].clone().numpy(), saved["activations"].clone()
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: measured again
+        except EmInterpError as exc:
+            warnings.warn(f"base measurement {path} is unreadable ({exc}); measuring it again", stacklevel=2)
     model = load_model(setup.model, device=setup.device, progress=False)
     scores, acts, _, _ = measure_checkpoint(model, setup, model.check_layer(setup.layer, "layer"))
-    atomic_write_bytes(path, save({"scores": torch.from_numpy(scores).contiguous(), "activations": acts.contiguous()}))
+    save_artifact(path, "base_measurement", {"scores": torch.from_numpy(scores), "activations": acts},
+                  {"key": key, "model": setup.model, "layer": setup.layer})
     return scores, acts
 
 
