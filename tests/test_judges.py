@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from em_interp.errors import EmInterpError
 from em_interp.evaluation.judges import (
     HTTPJudge,
     JudgeCache,
@@ -57,6 +58,17 @@ class FaultyServer:
                     return
                 if action == "timeout":
                     time.sleep(slow)
+                    return
+                if action in ("drip", "cut"):  # a reply trickled one byte per 0.05 s, or cut off mid-body
+                    payload = b'{"choices": [{"logprobs": {"content": []}}]}'
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(payload) * (3 if action == "cut" else 1)))
+                    self.end_headers()
+                    for i in range(len(payload)):
+                        self.wfile.write(payload[i:i + 1])
+                        self.wfile.flush()
+                        if action == "drip":
+                            time.sleep(0.05)
                     return
                 prompt = body["messages"][0]["content"]
                 if action == "malformed":
@@ -121,6 +133,31 @@ def test_http_judge_survives_faults_without_losing_or_repeating_rows(tmp_path, m
         assert server.requests == before and all(r.cached for r in again)
         assert [r.score for r in again] == [r.score for r in results]
         assert "sk-secret" not in repr(judge)
+
+
+def test_the_timeout_bounds_the_whole_request_and_a_cut_body_is_retried(tmp_path):
+    with FaultyServer(["drip", "cut", "ok"]) as server:
+        judge = HTTPJudge(server.url, "m", api_key_env=None, timeout=0.4, max_retries=2, backoff=0.01)
+        start = time.monotonic()
+        result = judge_answers(judge, ROWS[:1], "aligned", cache=JudgeCache(tmp_path / "j.sqlite"))
+        assert result[0].status == "scored" and server.requests == 3
+        assert time.monotonic() - start < 2.0  # the drip (about 2.3 s to send in full) was cut off at 0.4 s
+    with FaultyServer(["cut"] * 3) as server:
+        judge = HTTPJudge(server.url, "m", api_key_env=None, timeout=0.4, max_retries=2, backoff=0.01)
+        with pytest.raises(JudgeUnavailable, match="IncompleteRead"):
+            judge.first_token_logprobs("hello")
+
+
+def test_only_ascii_integers_are_scores_and_bad_settings_are_named():
+    lp = math.log
+    assert score_from_top_logprobs({"²": lp(0.6), "٣": lp(0.2), "40": lp(0.2)}) is None  # 0.2 < 0.25 on numbers
+    assert score_from_top_logprobs({"²": lp(0.5), "40": lp(0.5)}) == pytest.approx(40)
+    for kwargs, name in [({"timeout": 0}, "timeout"), ({"timeout": float("nan")}, "timeout"),
+                         ({"max_retries": -1}, "max_retries"), ({"backoff": -1.0}, "backoff")]:
+        with pytest.raises(EmInterpError, match=rf"HTTPJudge\({name}="):
+            HTTPJudge("http://127.0.0.1:1/v1", "m", **kwargs)
+    with pytest.raises(EmInterpError, match="base_url"):
+        HTTPJudge("localhost:8000/v1", "m")
 
 
 def test_crash_loses_nothing(tmp_path):

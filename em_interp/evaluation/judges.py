@@ -21,6 +21,7 @@ arrives: a rerun costs nothing and a crash loses nothing.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -66,7 +67,7 @@ def score_from_top_logprobs(top: Mapping[str, float], min_mass: float = MIN_NUMB
     total = weighted = 0.0
     for token, logprob in top.items():
         text = token.strip()
-        if not text.isdigit() or not 0 <= int(text) <= 100:
+        if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 100:  # "²" and "٣" are digits too
             continue
         if not isinstance(logprob, (int, float)) or math.isnan(logprob) or logprob > 0:
             continue  # a NaN or positive "log-prob" is no probability: never a NaN score
@@ -111,12 +112,20 @@ class HTTPJudge:
         model: the judge model name sent in each request.
         api_key_env: the environment variable holding the key (None: no key). The key is read at
             request time and never stored, logged or shown in errors.
-        timeout: seconds per request; max_retries: attempts after the first; backoff: first delay
+        timeout: seconds per request, from sending it to the last byte of the reply (a server that
+            trickles bytes is cut off too); max_retries: attempts after the first; backoff: first delay
             in seconds, doubled each retry up to ``max_backoff``.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  timeout: float = 30.0, max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 30.0):
+        for name, value in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise EmInterpError(f"HTTPJudge({name}={value!r}) must be a finite number of seconds > 0")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise EmInterpError(f"HTTPJudge(max_retries={max_retries!r}) must be an integer >= 0")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise EmInterpError(f"HTTPJudge(base_url={base_url!r}) must be an http:// or https:// URL")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -139,8 +148,16 @@ class HTTPJudge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST")
+        deadline = time.monotonic() + self.timeout
+        chunks = []
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            raw = response.read()
+            while chunk := response.read1(65536):  # each read waits at most `timeout`; the deadline bounds them all
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no complete reply within {self.timeout} s")
+            if response.length:  # the connection closed before the announced Content-Length arrived
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
+        raw = b"".join(chunks)
         try:
             reply = json.loads(raw)
             top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
@@ -161,7 +178,8 @@ class HTTPJudge:
                 if exc.code != 429 and exc.code < 500:
                     raise JudgeUnavailable(f"{self.base_url}: HTTP {exc.code} (not retried)") from None
                 last = f"HTTP {exc.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, MalformedReply, OSError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, MalformedReply, OSError,
+                    http.client.HTTPException) as exc:  # HTTPException: e.g. IncompleteRead, a body cut mid-way
                 last = type(exc).__name__ if not isinstance(exc, MalformedReply) else str(exc)
             if attempt < self.max_retries:
                 time.sleep(delay)
