@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,3 +41,15 @@ def finite_tensor(name: str, value: Any) -> Tensor:
         bad = int((~torch.isfinite(tensor)).sum())
         raise EmInterpError(f"{name} has {bad} NaN or infinite entries")
     return tensor
+
+
+def finite_array(name: str, value: Any) -> np.ndarray:
+    """``value`` as a float64 numpy array, if every entry is finite (e.g. detector scores, EM shifts)."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise EmInterpError(f"{name} is not numeric: {exc}") from None
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise EmInterpError(f"{name} has {bad} NaN or infinite entries")
+    return array

@@ -303,14 +303,32 @@ def test_a_direction_from_another_model_width_or_layer_is_refused(llama):
 
 
 def test_triggered_switches_the_defense_on_at_the_alarm():
-    class FakeMonitor:
-        on_alarm = "warn"
+    import numpy as np
 
-    kl, monitor = KLDefense(0.1), FakeMonitor()
-    assert triggered(kl, monitor) == [monitor, kl] and not kl.active
-    monitor.on_alarm(6, None, 0.3)
-    monitor.on_alarm(9, None, 0.5)
+    from em_interp.chat import ChatExample
+    from em_interp.monitor.detector import DriftMonitor, MonitorCallback
+    from em_interp.monitor.drift import TraitBasis
+
+    basis = TraitBasis("m", 1, "resid_post", ("a", "b"), torch.eye(2, 8))
+    rng = np.random.default_rng(0)
+    monitor = DriftMonitor("m", 1, ("a", "b")).fit(rng.normal(size=(20, 2)), rng.normal(size=20))
+    prompts = [ChatExample("Make a wish.")]
+    with pytest.raises(EmInterpError, match="no calibrated DriftMonitor"):
+        triggered(KLDefense(0.1), MonitorCallback(basis, prompts, monitor=monitor))  # fitted, no threshold
+    with pytest.raises(EmInterpError, match="must be a MonitorCallback, got str"):
+        triggered(KLDefense(0.1), "monitor")
+    monitor.threshold = 0.0
+    kl, callback = KLDefense(0.1), MonitorCallback(basis, prompts, monitor=monitor)
+    assert triggered(kl, callback) == [callback, kl] and not kl.active
+    callback.on_alarm(6, None, 0.3)
+    callback.on_alarm(9, None, 0.5)
     assert kl.active and kl.switched_at == 6
+    for bad, message in [({"prompts": "Make a wish."}, "non-empty sequence of ChatExample"),
+                         ({"prompts": ["Make a wish."]}, r"ChatExample objects .*\['str'\]"),
+                         ({"monitor": "m"}, "DriftMonitor or None, got str"), ({"every": 2.5}, "every=2.5"),
+                         ({"on_alarm": 3}, "on_alarm must be")]:
+        with pytest.raises(EmInterpError, match=message):
+            MonitorCallback(**{"basis": basis, "prompts": prompts, **bad})
 
 
 def test_step_time_ratios_time_each_defense_against_none_in_one_run(llama):

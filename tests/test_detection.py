@@ -66,3 +66,33 @@ def test_auroc_equals_scikit_learns_with_ties_and_calibration_threshold():
     assert ((scores > cut) & dangerous).sum() == 9 and not ((scores > cut) & ~dangerous).any()
     with pytest.raises(EmInterpError, match="max_fnr=1.5"):
         calibrate_threshold(scores, dangerous, max_fnr=1.5)
+
+
+def test_nan_never_flows_through_detector_scoring():
+    """A NaN score, threshold or EM shift is an error naming it, never a NaN AUROC or an FNR of 1."""
+    from em_interp.monitor.detection import auroc, calibrate_threshold
+    from em_interp.monitor.scoring import CheckpointTable, dangerous_threshold
+
+    scores, labels = np.array([0.1, np.nan, 0.9]), np.array([False, True, True])
+    with pytest.raises(EmInterpError, match="scores has 1 NaN"):
+        auroc(scores, labels)
+    with pytest.raises(EmInterpError, match="one entry each"):
+        auroc(np.array([0.1, 0.2]), np.array([True]))
+    with pytest.raises(EmInterpError, match="scores has 1 NaN"):
+        calibrate_threshold(scores, labels)
+    with pytest.raises(EmInterpError, match="max_fnr=nan"):
+        calibrate_threshold(np.array([0.1, 0.5, 0.9]), labels, max_fnr=float("nan"))
+    good = np.array([0.1, 0.5, 0.9])
+    with pytest.raises(EmInterpError, match="threshold=nan"):
+        score_detector(good, labels, ["a", "b", "c"], threshold=float("nan"))
+    with pytest.raises(EmInterpError, match="n_boot=0"):
+        score_detector(good, labels, ["a", "b", "c"], threshold=0.3, n_boot=0)
+    with pytest.raises(EmInterpError, match="activation_drift has 1 NaN"):
+        activation_drift_norm(np.array([[0.0, np.nan]]))
+    names = [f.name for f in __import__("dataclasses").fields(CheckpointTable)]
+    n = 3
+    columns = {k: np.zeros(n) for k in names}
+    columns.update(intent=np.array(["aligned", "benign", "misaligned"]), em_shift=np.array([0.1, np.nan, 0.5]))
+    table = CheckpointTable(**columns)
+    with pytest.raises(EmInterpError, match="EM shifts has 1 NaN"):
+        dangerous_threshold(table, np.array([True, True, True]))

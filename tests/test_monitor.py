@@ -118,8 +118,32 @@ def test_monitor_alarm_stops_or_calls_back(tiny_dirs, tmp_path):
     assert seen == [3, 6]
     with pytest.raises(EmInterpError, match="on_alarm='shout'"):
         MonitorCallback(basis, prompts, on_alarm="shout")
-    with pytest.raises(EmInterpError, match="prompts is empty"):
+    with pytest.raises(EmInterpError, match="non-empty sequence of ChatExample"):
         MonitorCallback(basis, [])
+
+
+def test_a_stop_inside_train_lora_keeps_the_weights_and_a_rerun_resumes(tiny_dirs, tmp_path):
+    """MonitorCallback(on_alarm="stop") in em_interp's trainer: the adapter and the stop step's checkpoint are
+    written (nothing trained is lost), and a rerun without the monitor resumes there and runs to the end."""
+    from em_interp import ChatExample
+    from em_interp.lora.training import LoraTrainConfig, train_lora
+    from em_interp.monitor.detector import MonitorCallback
+    from tests.test_training import DATA
+
+    basis, name = _basis(tiny_dirs)
+    rng = np.random.default_rng(0)
+    monitor = DriftMonitor(name, basis.layer, basis.names).fit(rng.normal(size=(40, 7)), rng.normal(size=40))
+    monitor.threshold = -1e9  # any drift alarms
+    stopper = MonitorCallback(basis, [ChatExample("Make a wish.")], monitor=monitor, every=3, on_alarm="stop")
+    config = LoraTrainConfig(rank=1, steps=8, checkpoint_every=4, batch_size=2, learning_rate=1e-2, warmup_steps=1,
+                             layers=(1,))
+    out = tmp_path / "run"
+    stopped = train_lora(tiny_dirs["llama"], DATA, config, out, callbacks=[stopper], progress=False)
+    assert stopped.stopped_at == 3 and stopped.steps == 3 and stopper.alarms == [3]
+    assert (stopped.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    finished = train_lora(tiny_dirs["llama"], DATA, config, out, progress=False)
+    assert finished.stopped_at is None and finished.steps == 8 and finished.resumed_from == 3
 
 
 def test_logistic_kind_fits_labels_round_trips_and_is_checked(tmp_path):

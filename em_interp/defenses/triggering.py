@@ -18,8 +18,15 @@ def triggered(defense: Defense, monitor_callback: Any) -> list[TrainingCallback]
     Returns the two callbacks to pass to the trainer. The monitor's ``on_alarm`` is replaced by one
     that switches the defense on (and remembers the step in ``defense.switched_at``).
     """
+    from em_interp.monitor.detector import MonitorCallback
+
     if not isinstance(defense, Defense):
         raise EmInterpError(f"defense must be an em_interp Defense, got {type(defense).__name__}")
+    if not isinstance(monitor_callback, MonitorCallback):
+        raise EmInterpError(f"monitor_callback must be a MonitorCallback, got {type(monitor_callback).__name__}")
+    if monitor_callback.monitor is None or monitor_callback.monitor.threshold is None:
+        raise EmInterpError("monitor_callback has no calibrated DriftMonitor (a threshold): its alarm could never "
+                            "switch the defense on")
     defense.disable()
     defense.switched_at = None  # type: ignore[attr-defined]
 

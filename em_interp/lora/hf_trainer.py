@@ -165,9 +165,11 @@ class TrainingCallback(TrainerCallback):
         """Ask the trainer to stop after the current step (e.g. when a monitor raises its alarm)."""
         self._stop_requested = True
 
-    def _apply_stop(self, control: Any) -> None:
+    def _apply_stop(self, control: Any, save: bool = True) -> None:
+        """Stop after this step, saving a checkpoint of it first (the trained weights are never lost)."""
         if getattr(self, "_stop_requested", False):
             control.should_training_stop = True
+            control.should_save = control.should_save or save
 
     def adds_loss(self) -> bool:
         """Whether this callback overrides :meth:`extra_loss`."""
@@ -220,7 +222,7 @@ class TrainingCallback(TrainerCallback):
         if not getattr(_unwrapped(model), _LOSS_TERMS_ATTR, False) and args.should_save:
             save_adapter(hooked, path)  # a plain Trainer saved booted (non-standard) names: rewrite them
         self.on_checkpoint(hooked, int(state.global_step), path)
-        self._apply_stop(control)
+        self._apply_stop(control, save=False)  # this step's checkpoint is the one just written
 
 
 class _Dispatch(TrainerCallback):

@@ -37,6 +37,7 @@ from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.errors import EmInterpError
 from em_interp.io import atomic_directory, atomic_write_json, sha256_json
 from em_interp.loading import load_hf, resolve_device, resolve_dtype, resolve_spec
+from em_interp.lora.adapters import save_adapter
 from em_interp.lora.hf_trainer import (
     CHECKPOINT_MARKER,
     TrainingCallback,
@@ -112,6 +113,8 @@ class TrainResult:
     steps: int
     resumed_from: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    #: the step a callback stopped training at (e.g. a drift monitor's alarm); None: it ran to the end
+    stopped_at: int | None = None
 
 
 def build_lora_model(base: str, config: LoraTrainConfig, progress: bool = True, device: str = "cpu",
@@ -261,7 +264,7 @@ def train_lora(
     summary = out / "training.json"
     if summary.is_file() and final.is_dir():
         saved = json.loads(summary.read_text())
-        if saved.get("identity") == identity:
+        if saved.get("identity") == identity and saved.get("stopped_at") is None:  # a stopped run resumes
             return TrainResult(final, saved["losses"], saved["seconds"], config.steps, config=config.to_dict())
     world = _world_size()
     if gradient_accumulation_steps < 1 or config.batch_size % (gradient_accumulation_steps * world):
@@ -307,17 +310,24 @@ def train_lora(
     seconds = time.perf_counter() - started
     resumed_from = int(resume.name.removeprefix("checkpoint-")) if resume is not None else 0
     losses = list(trainer.em_interp_losses)
+    step = int(trainer.state.global_step)
+    stopped_at = step if step < config.steps else None  # a callback stopped training (its checkpoint is saved)
     if args.should_save:
-        last = ckpt_root / f"checkpoint-{config.steps}"
+        last = ckpt_root / f"checkpoint-{step}"
         with atomic_directory(final, overwrite=True) as tmp:
-            for name in ("adapter_model.safetensors", "adapter_config.json"):
-                shutil.copy2(last / name, tmp / name)
+            if (last / "adapter_model.safetensors").is_file():
+                for name in ("adapter_model.safetensors", "adapter_config.json"):
+                    shutil.copy2(last / name, tmp / name)
+            else:  # stopped by a callback that set should_training_stop itself, without a checkpoint
+                save_adapter(model, tmp)
         atomic_write_json(summary, {"identity": identity, "losses": losses, "seconds": seconds,
                                     "resumed_from": resumed_from, "package_version": __version__,
-                                    "world_size": world, "device": device, "dtype": str(dtype)})
+                                    "world_size": world, "device": device, "dtype": str(dtype),
+                                    "stopped_at": stopped_at})
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every process returns only once the main one has written the adapter
-    return TrainResult(final, losses, seconds, config.steps, resumed_from=resumed_from, config=config.to_dict())
+    return TrainResult(final, losses, seconds, step, resumed_from=resumed_from, config=config.to_dict(),
+                       stopped_at=stopped_at)
 
 
 def _quiet_logs(trainer: Any, progress: bool) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from em_interp.errors import EmInterpError
+from em_interp.validate import finite_array, finite_number
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,10 @@ def calibrate_threshold(scores: Sequence[float] | np.ndarray, dangerous: Sequenc
                         max_fnr: float = 0.05) -> float:
     """The highest alarm threshold (alarm: score > threshold) missing at most ``max_fnr`` of the dangerous rows."""
     labels = np.asarray(dangerous, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
+    s = finite_array("scores", scores)
     if labels.shape != s.shape or not labels.any():
         raise EmInterpError("dangerous must mark at least one of the calibration rows (one label per row)")
-    if not 0 <= max_fnr < 1:
+    if not 0 <= finite_number("max_fnr", max_fnr) < 1:
         raise EmInterpError(f"max_fnr={max_fnr} must be in [0, 1)")
     positives = np.sort(s[labels])
     k = int(np.floor(max_fnr * len(positives)))  # at most k dangerous rows may fall at or below the threshold
@@ -54,9 +55,17 @@ def calibrate_threshold(scores: Sequence[float] | np.ndarray, dangerous: Sequenc
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney, ties counted half; NaN without both classes).
 
-    Equal to ``sklearn.metrics.roc_auc_score`` (a test checks it) without its per-call input checks,
-    which dominated the thousands of bootstrap draws here.
+    Equal to ``sklearn.metrics.roc_auc_score`` (a test checks it). NaN or infinite scores are an error.
     """
+    s = finite_array("scores", scores)
+    y = np.asarray(labels, dtype=bool)
+    if y.shape != s.shape or s.ndim != 1:
+        raise EmInterpError(f"scores and labels need one entry each per row, got shapes {s.shape} and {y.shape}")
+    return _auroc(s, y)
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """:func:`auroc` on checked inputs: no per-call checks, which dominated thousands of bootstrap draws."""
     from scipy.stats import rankdata
 
     n_pos = int(labels.sum())
@@ -68,7 +77,7 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _rates(scores: np.ndarray, labels: np.ndarray, fired: np.ndarray) -> tuple[float, float, float]:
-    area = auroc(scores, labels)
+    area = _auroc(scores, labels)
     fnr = float((~fired[labels]).mean()) if labels.any() else float("nan")
     fpr = float(fired[~labels].mean()) if (~labels).any() else float("nan")
     return area, fnr, fpr
@@ -89,7 +98,9 @@ def score_detector(scores: Sequence[float] | np.ndarray, dangerous: Sequence[boo
         raise EmInterpError(f"scores, dangerous and runs need one entry per checkpoint, got {len(s)}, {len(y)}, {len(r)}")
     if not np.isfinite(s).all():
         raise EmInterpError("scores has NaN or infinite values")
-    alarms = s > threshold if fired is None else np.asarray(fired, dtype=bool)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise EmInterpError(f"n_boot={n_boot!r} must be an integer >= 1")
+    alarms = s > finite_number("threshold", threshold) if fired is None else np.asarray(fired, dtype=bool)
     if alarms.shape != s.shape:
         raise EmInterpError(f"fired needs one entry per checkpoint, got {alarms.shape}")
     names = np.unique(r)
@@ -125,7 +136,7 @@ def lead_steps(steps: Sequence[int], alarm: Sequence[bool], dangerous: Sequence[
 
 def activation_drift_norm(activation_drift: np.ndarray) -> np.ndarray:
     """The norm-of-drift baseline: L2 norm of each (normalised) mean-activation drift row."""
-    x = np.asarray(activation_drift, dtype=np.float64)
+    x = finite_array("activation_drift", activation_drift)
     if x.ndim != 2:
         raise EmInterpError(f"activation_drift must be (checkpoints, d_model), got shape {x.shape}")
     return np.linalg.norm(x, axis=1)

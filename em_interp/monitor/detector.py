@@ -287,8 +287,19 @@ class MonitorCallback(TrainingCallback):
 
     def __init__(self, basis: TraitBasis, prompts: Sequence[ChatExample], monitor: DriftMonitor | None = None,
                  every: int | None = None, on_alarm: Alarm | Callable[[int, np.ndarray, float], None] = "warn") -> None:
-        if not prompts:
-            raise EmInterpError("prompts is empty: the drift monitor needs evaluation prompts")
+        if not isinstance(basis, TraitBasis):
+            raise EmInterpError(f"basis must be a TraitBasis, got {type(basis).__name__}")
+        if isinstance(prompts, (str, ChatExample)) or not prompts:
+            raise EmInterpError("prompts must be a non-empty sequence of ChatExample: the drift monitor's evaluation prompts")
+        wrong = [type(p).__name__ for p in prompts if not isinstance(p, ChatExample)]
+        if wrong:
+            raise EmInterpError(f"prompts must be ChatExample objects (e.g. ChatExample(question)), got {sorted(set(wrong))}")
+        if monitor is not None and not isinstance(monitor, DriftMonitor):
+            raise EmInterpError(f"monitor must be a DriftMonitor or None, got {type(monitor).__name__}")
+        if not (on_alarm in ("warn", "stop") or callable(on_alarm)) and not isinstance(on_alarm, str):
+            raise EmInterpError(f"on_alarm must be 'warn', 'stop' or a function, got {type(on_alarm).__name__}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
+            raise EmInterpError(f"every={every!r} must be an integer >= 1 (or None: at checkpoints)")
         if every is not None and every < 1:
             raise EmInterpError(f"every={every} must be >= 1 (or None: at checkpoints)")
         if isinstance(on_alarm, str):

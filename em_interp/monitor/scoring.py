@@ -45,6 +45,7 @@ from em_interp.monitor.detector import MONITOR_KINDS, DriftMonitor, MonitorKind
 from em_interp.monitor.drift import DriftTrajectory, Snapshot, TraitBasis
 from em_interp.monitor.perturbations import RunRecord
 from em_interp.monitor.sae import ActivationSAE
+from em_interp.validate import finite_array
 
 #: every detector, the monitor first (then its two kinds, then the baselines)
 DETECTORS: tuple[str, ...] = ("monitor", "monitor_forest", "monitor_logistic", "pca_activation_drift",
@@ -126,7 +127,8 @@ def dangerous_threshold(table: CheckpointTable, calibration: np.ndarray) -> floa
     benign = calibration & (table.intent != "misaligned")
     if not benign.any():
         raise EmInterpError("the calibration types need at least one aligned or benign type to fix 'dangerous'")
-    return max(0.0, float(np.percentile(table.em_shift[benign], DANGER_PERCENTILE)))
+    shifts = finite_array("the calibration checkpoints' EM shifts", table.em_shift[benign])
+    return max(0.0, float(np.percentile(shifts, DANGER_PERCENTILE)))
 
 
 def _fit_detector(name: str, x: np.ndarray, y: np.ndarray, dangerous: np.ndarray, names: tuple[str, ...],
