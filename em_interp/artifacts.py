@@ -4,8 +4,11 @@ An artefact saved at ``PATH`` is two files, ``PATH.safetensors`` (the tensors) a
 (the sidecar). The suffixes are *appended* to the whole name, never substituted, so ``maps/em.l10``
 and ``maps/em.l20`` are two artefacts; a ``PATH`` that already ends in ``.safetensors`` or ``.json``
 names the same pair. The sidecar holds the format (``"em_interp.<kind>"``), its version, the package
-version that wrote it and the object's own fields. Both files are written atomically, tensors first,
-so a sidecar never describes missing tensors.
+version that wrote it, the object's own fields and a digest over those fields and the tensor file's
+bytes, so a sidecar edited by hand, or paired with other tensors, is refused on load rather than
+trusted (an edited ``n_trees`` or ``threshold`` of a saved monitor would otherwise change what it
+does without a word). Both files are written atomically, tensors first, so a sidecar never describes
+missing tensors.
 
 Every read problem (a missing file, unreadable JSON, another kind of artefact, a newer format
 version, a missing field, a damaged tensor file) is an :class:`~em_interp.errors.EmInterpError` that
@@ -24,6 +27,7 @@ judge's score cache is one JSON line per judged answer, appended as replies arri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,17 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import Tensor
 
 from em_interp.errors import EmInterpError
-from em_interp.io import atomic_write_bytes, atomic_write_json
+from em_interp.io import atomic_write_bytes, atomic_write_json, json_default
 from em_interp.version import __version__
 
 TENSORS_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".json"
 #: sidecar fields written by :func:`save_artifact` itself (an object's own fields may not use them)
-RESERVED = ("format", "format_version", "package_version")
+RESERVED = ("format", "format_version", "package_version", "digest")
 
 
 def artifact_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -64,10 +68,18 @@ def save_artifact(path: str | os.PathLike[str], kind: str, tensors: Mapping[str,
     if clash:
         raise EmInterpError(f"artefact fields {clash} are reserved")
     tensor_path, sidecar = artifact_paths(path)
-    atomic_write_bytes(tensor_path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(tensor_path, blob)
+    as_read = json.loads(json.dumps(dict(fields), default=json_default))  # the fields as load_artifact will see them
     atomic_write_json(sidecar, {"format": f"em_interp.{kind}", "format_version": version,
-                                "package_version": __version__, **fields})
+                                "package_version": __version__, **fields, "digest": _digest(as_read, blob)})
     return tensor_path.with_suffix("")
+
+
+def _digest(fields: Mapping[str, Any], blob: bytes) -> str:
+    """sha256 over the object's own sidecar fields (canonical JSON) and the tensor file's bytes."""
+    head = json.dumps(dict(fields), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(head + b"\0" + blob).hexdigest()
 
 
 def load_artifact(path: str | os.PathLike[str], kind: str, required: Sequence[str] = (), tensors: Sequence[str] = (),
@@ -98,17 +110,22 @@ def load_artifact(path: str | os.PathLike[str], kind: str, required: Sequence[st
     missing = [k for k in required if k not in meta]
     if missing:
         raise EmInterpError(f"{sidecar} lacks the {kind} field(s) {missing}")
+    fields = {k: v for k, v in meta.items() if k not in RESERVED}
+    blob = tensor_path.read_bytes()
     try:
-        arrays = load_file(str(tensor_path))
+        arrays = load(blob)
     except Exception as exc:  # safetensors raises several kinds on a damaged or truncated file
         raise EmInterpError(f"cannot read {kind} tensors {tensor_path}: {type(exc).__name__}: {exc}") from None
+    if "digest" in meta and meta["digest"] != _digest(fields, blob):  # (sidecars older than the digest have none)
+        raise EmInterpError(f"{sidecar} does not match its tensors {tensor_path.name} (the digest differs): "
+                            "one of the two was edited, damaged or replaced; save the object again")
     absent = [k for k in tensors if k not in arrays]
     if absent:
         raise EmInterpError(f"{tensor_path} lacks the {kind} tensor(s) {absent}")
     for name, value in arrays.items():
         if name not in may_be_nan and value.is_floating_point() and not torch.isfinite(value).all():
             raise EmInterpError(f"{tensor_path}: tensor {name!r} has NaN or infinite entries")
-    return arrays, {k: v for k, v in meta.items() if k not in RESERVED}
+    return arrays, fields
 
 
 def sidecar_field(meta: Mapping[str, Any], name: str, kind: type, source: str | os.PathLike[str]) -> Any:

@@ -63,7 +63,17 @@ def test_every_read_problem_names_the_file(tmp_path):
     sidecar.write_text("{half")
     with pytest.raises(EmInterpError, match="x.json is not a readable thing sidecar"):
         load_artifact(path, "thing")
+    sidecar.write_text(json.dumps({**meta, "size": 4}))  # an edited field: the digest no longer matches
+    with pytest.raises(EmInterpError, match="x.json does not match its tensors x.safetensors"):
+        load_artifact(path, "thing")
+    other = save_artifact(tmp_path / "y", "thing", {"t": torch.zeros(3)}, {"size": 3})
+    good = tensors.read_bytes()
+    tensors.write_bytes(artifact_paths(other)[0].read_bytes())  # the same field, other tensors
     sidecar.write_text(json.dumps(meta))
+    with pytest.raises(EmInterpError, match="digest differs"):
+        load_artifact(path, "thing")
+    tensors.write_bytes(good)
+    assert load_artifact(path, "thing")[1] == {"size": 3}
     tensors.write_bytes(tensors.read_bytes()[:-5])
     with pytest.raises(EmInterpError, match="cannot read thing tensors .*x.safetensors"):
         load_artifact(path, "thing")
