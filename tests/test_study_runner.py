@@ -273,3 +273,28 @@ def test_a_killed_writes_leftover_is_removed_and_never_read(tmp_path):
     p.runs.clear()
     run_study(_config(tmp_path), stages=p.stages())
     assert p.runs == ["c"] and not leftover.exists()
+
+
+def test_a_second_study_into_a_running_studys_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    import os
+
+    from em_interp.cli import main
+    from em_interp.errors import EmInterpError
+    from em_interp.study.lock import LOCK_FILE, StudyFolderInUse, study_lock
+
+    out = tmp_path / "study"
+    with study_lock(out):
+        assert f"pid {os.getpid()}" in (out / LOCK_FILE).read_text()
+        with pytest.raises(StudyFolderInUse, match=f"in use by another study \\(pid {os.getpid()} on "):
+            with study_lock(out):
+                pass
+        assert main(["study", "--out", str(out), "--quick", "--no-progress", "--stages", "model"]) == 2
+        assert "in use by another study" in capsys.readouterr().err
+        assert not (out / "stages").exists()  # refused before any work or cleanup
+    assert (out / LOCK_FILE).read_text() == ""  # released: free for the next study
+    with study_lock(out):
+        pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EmInterpError, match="is a file, not a folder"):
+        with study_lock(tmp_path / "file"):
+            pass

@@ -34,6 +34,7 @@ from em_interp.report import Section, write_report
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext, StudyPlanError, artefact_names
 from em_interp.study.contract import Headline, Stage
+from em_interp.study.lock import study_lock
 from em_interp.study.records import StageFileError, StageRecord, StageStore
 from em_interp.version import __version__
 
@@ -112,6 +113,13 @@ def run_stages(config: StudyConfig, stages: Sequence[Stage[Any]], only: Sequence
     Returns the results.json content.
     """
     plan = plan_stages(stages, only)
+    with study_lock(config.out):  # one study at a time per folder: a second one is refused, naming the holder
+        return _run_locked(config, stages, plan, force)
+
+
+def _run_locked(config: StudyConfig, stages: Sequence[Stage[Any]], plan: Sequence[Stage[Any]],
+                force: bool) -> dict[str, Any]:
+    """:func:`run_stages` once the folder's lock is held."""
     deps = dependencies(stages)
     store = StageStore(config.out, config.identity(), force=force)
     store.claim()
