@@ -50,6 +50,10 @@ def test_chat_jsonl_plain_gz_and_system(tmp_path):
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, r"a\.jsonl:2: message 2 \(assistant\) has empty content"),
         ({"messages": [{"role": "user", "content": "q"}]}, r"a\.jsonl:2: expected one user and one assistant"),
         ({"text": "hello"}, r"a\.jsonl:2: expected an object with a 'messages' list"),
+        ({"messages": [{"role": "user", "content": "q \ud800"}, {"role": "assistant", "content": "a"}]},
+         r"a\.jsonl:2: message 1 holds a lone surrogate"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                       {"role": "assistant", "content": "a \udfff"}]}, r"a\.jsonl:2: message 3 holds a lone surrogate"),
     ],
 )
 def test_chat_jsonl_bad_lines_name_file_and_line(tmp_path, bad, message):

@@ -185,3 +185,28 @@ def test_a_library_without_dangerous_calibration_checkpoints_is_reported_not_eva
     entry = monitor_entries(result)["monitor"]
     assert entry["status"].startswith("not evaluable") and entry["auroc"] is None and entry["threshold"] == 0.0
     assert _not_evaluable(table, ("a-mis", "benign"), ("x", "y", "z"), 1, {}) is None
+
+
+def test_a_failing_sweep_job_is_named_and_keeps_its_error_class():
+    from dataclasses import dataclass
+
+    from em_interp.evaluation.judges import JudgeUnavailable
+    from em_interp.monitor.sweep import run_sweep
+
+    @dataclass(frozen=True)
+    class Spec:
+        label: str
+
+    def job(spec: Spec) -> str:
+        if spec.label == "judge-down":
+            raise JudgeUnavailable("http://judge: gave up")
+        if spec.label == "bug":
+            raise ValueError("a bug")
+        return spec.label
+
+    assert run_sweep(job, [Spec("a"), Spec("b")]) == ["a", "b"]
+    with pytest.raises(JudgeUnavailable, match=r"sweep job 2/2 \(judge-down\): http://judge: gave up"):
+        run_sweep(job, [Spec("a"), Spec("judge-down")])
+    with pytest.raises(ValueError, match="a bug") as info:
+        run_sweep(job, [Spec("bug")])
+    assert "raised in sweep job 1/1 (bug)" in info.value.__notes__

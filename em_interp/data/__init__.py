@@ -114,7 +114,20 @@ def parse_chat_record(obj: Any, where: str) -> ChatExample:
             raise EmInterpError(f"{where}: message {i + offset} has role {msg['role']!r}, expected {role!r} (order: system?, user, assistant)")
         if not isinstance(msg.get("content"), str) or not msg["content"].strip():
             raise EmInterpError(f"{where}: message {i + offset} ({role}) has empty content")
+    for i, text in enumerate((system, messages[0]["content"], messages[1]["content"])):
+        if text is not None and not _is_unicode(text):
+            raise EmInterpError(f"{where}: message {i + (system is not None)} holds a lone surrogate "
+                                "(an unpaired \\ud800-\\udfff escape), which no tokenizer can encode")
     return ChatExample(messages[0]["content"], messages[1]["content"], system)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (JSON can carry lone surrogates, which UTF-8 cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_chat_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[ChatExample]:

@@ -60,9 +60,25 @@ def _init_ray(ray_address: str, ray_cpus: int | None) -> Any:
     return ray
 
 
-def _call(job: Callable[[T], R], item: T) -> R:
-    """One job on a Ray worker (Ray wraps functions only; ``job`` may be a ``functools.partial``)."""
-    return job(item)
+def _call(job: Callable[[T], R], item: T, where: str = "") -> R:
+    """One job, its errors naming it (Ray wraps functions only; ``job`` may be a ``functools.partial``).
+
+    An :class:`EmInterpError` keeps its class (a judge outage stays a judge outage) with the job named
+    in its message; any other exception keeps its type and traceback and gains a note naming the job.
+    """
+    try:
+        return job(item)
+    except EmInterpError as exc:
+        exc.args = (f"{where}: {exc.args[0] if exc.args else exc}", *exc.args[1:])
+        raise
+    except Exception as exc:
+        exc.add_note(f"raised in {where}")
+        raise
+
+
+def _job_name(i: int, n: int, item: object) -> str:
+    label = getattr(item, "label", None)
+    return f"sweep job {i + 1}/{n} ({label if isinstance(label, str) else repr(item)[:120]})"
 
 
 def run_sweep(job: Callable[[T], R], items: Sequence[T], ray: str | None = None, ray_cpus: int | None = None,
@@ -73,12 +89,12 @@ def run_sweep(job: Callable[[T], R], items: Sequence[T], ray: str | None = None,
         for i, item in enumerate(items):
             if progress:
                 print(f"sweep: job {i + 1}/{len(items)}", flush=True)
-            out.append(job(item))
+            out.append(_call(job, item, _job_name(i, len(items), item)))
         return out
     ray_module = _init_ray(ray, ray_cpus)
     gpus = ray_module.cluster_resources().get("GPU", 0)
     task = ray_module.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=0)(_call)
-    refs = [task.remote(job, item) for item in items]
+    refs = [task.remote(job, item, _job_name(i, len(items), item)) for i, item in enumerate(items)]
     return list(ray_module.get(refs))
 
 
