@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import torch
 
-from em_interp.errors import ModelLoadError, NetworkDisabledError
+from em_interp.errors import EmInterpError, ModelLoadError, NetworkDisabledError
 from em_interp.io import atomic_directory, atomic_write_json, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -322,6 +322,8 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_ids: tuple[str, .
     """Check a peft adapter fits ``model``: its base model name and every LoRA tensor's shape."""
     from safetensors import safe_open
 
+    from em_interp.lora.adapters import check_config_covers
+
     config = read_adapter_config(adapter)
     base = config.get("base_model_name_or_path")
     if base and model_ids and not any(same_model(base, m) for m in model_ids):
@@ -339,6 +341,10 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_ids: tuple[str, .
         raise ModelLoadError(f"adapter {weights} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     n_lora = 0
     with handle_cm as handle:
+        try:
+            check_config_covers(config, handle.keys(), weights)
+        except EmInterpError as exc:
+            raise ModelLoadError(str(exc)) from None
         for key in handle.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue

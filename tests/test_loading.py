@@ -109,6 +109,25 @@ def test_adapter_for_another_model(tiny_dirs, tmp_path):
         load_model(tiny_dirs["llama"], adapter=tmp_path)
 
 
+def test_an_adapter_whose_config_does_not_target_its_tensors_is_refused(tiny_dirs, tmp_path):
+    """peft would build up_proj adapters from such a config and drop the down_proj tensors: a silent no-op."""
+    from em_interp.lora.adapters import read_adapter
+
+    _make_adapter(tiny_dirs["llama"], tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "target_modules": ["up_proj"]}))
+    with pytest.raises(ModelLoadError, match="is for module 'down_proj', but adapter_config.json targets"):
+        load_model(tiny_dirs["llama"], adapter=tmp_path / "adapter")
+    with pytest.raises(EmInterpError, match="peft would drop it"):
+        read_adapter(tmp_path / "adapter")
+    config_path.write_text(json.dumps({**config, "layers_to_transform": [0]}))
+    with pytest.raises(ModelLoadError, match="is on layer 1, but adapter_config.json's layers_to_transform is \\[0\\]"):
+        load_model(tiny_dirs["llama"], adapter=tmp_path / "adapter")
+    config_path.write_text(json.dumps({**config, "target_modules": ".*mlp\\.down_proj"}))  # peft's regex form
+    assert len(read_adapter(tmp_path / "adapter")[0]) == 3
+
+
 def test_chunked_package_is_joined_atomically_and_checked(tmp_path, monkeypatch):
     import hashlib
     import sys

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,39 @@ def module_of(key: str) -> str:
     raise EmInterpError(f"{key!r} is not a LoRA tensor name")
 
 
+def check_config_covers(config: Mapping[str, Any], tensor_keys: Iterable[str], source: str | Path) -> None:
+    """Raise unless every LoRA tensor sits on a module the adapter config targets.
+
+    peft builds the adapter from the config (``target_modules``, ``layers_to_transform``) and loads only
+    the tensors of those modules: a tensor for another module (a config naming ``up_proj`` beside
+    ``down_proj`` tensors) is silently dropped and the adapter changes nothing.
+    """
+    import re
+
+    targets = config.get("target_modules")
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    for key in tensor_keys:
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module = key.split(".lora_")[0]
+        name = module.rsplit(".", 1)[-1]
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, module.removeprefix("base_model.model.")) is not None
+        elif isinstance(targets, (list, tuple)):
+            hit = name in targets or any(module.endswith(f".{t}") for t in targets)
+        else:
+            raise EmInterpError(f"{source}: adapter_config.json has no target_modules")
+        if not hit:
+            raise EmInterpError(f"{source}: tensor {key} is for module {name!r}, but adapter_config.json targets "
+                                f"{targets!r}: peft would drop it and the adapter would change nothing")
+        found = re.search(r"\.layers\.(\d+)\.", module)
+        if layers is not None and found is not None and int(found.group(1)) not in layers:
+            raise EmInterpError(f"{source}: tensor {key} is on layer {found.group(1)}, but adapter_config.json's "
+                                f"layers_to_transform is {layers}: peft would drop it")
+
+
 def read_adapter(folder: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict[str, Any]]:
     """A peft adapter folder as ``{module: (A, B)}``, its scale and its config (clear errors on a bad folder)."""
     folder = Path(folder)
@@ -125,6 +158,7 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torc
     except Exception as exc:  # JSON or missing keys
         raise EmInterpError(f"{config_path} is not a readable peft adapter config ({type(exc).__name__}: {exc})") from None
     tensors = adapter_tensors(folder)
+    check_config_covers(config, tensors, weights_path)
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in tensors:
         if key.endswith(".lora_A.weight"):
