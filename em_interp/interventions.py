@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -132,7 +133,12 @@ def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
     remove ``d`` plus something else.
     """
     q, r = torch.linalg.qr(torch.stack([_unit(v) for v in vectors]).T)
-    return q[:, r.diagonal().abs() > SPAN_TOLERANCE]
+    keep = r.diagonal().abs() > SPAN_TOLERANCE
+    dropped = [i for i, k in enumerate(keep.tolist()) if not k]
+    if dropped:
+        warnings.warn(f"directions {dropped} (0-based) lie in the span of the earlier ones and add nothing: "
+                      f"acting on a {int(keep.sum())}-dimensional subspace of {len(vectors)} directions", stacklevel=3)
+    return q[:, keep]
 
 
 @contextlib.contextmanager
