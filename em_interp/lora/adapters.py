@@ -122,6 +122,8 @@ def check_config_covers(config: Mapping[str, Any], tensor_keys: Iterable[str], s
     import re
 
     targets = config.get("target_modules")
+    if targets is None:  # peft then targets its per-architecture defaults, which this check cannot know
+        return
     layers = config.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
@@ -135,7 +137,7 @@ def check_config_covers(config: Mapping[str, Any], tensor_keys: Iterable[str], s
         elif isinstance(targets, (list, tuple)):
             hit = name in targets or any(module.endswith(f".{t}") for t in targets)
         else:
-            raise EmInterpError(f"{source}: adapter_config.json has no target_modules")
+            raise EmInterpError(f"{source}: adapter_config.json's target_modules={targets!r} is neither a list nor a regex")
         if not hit:
             raise EmInterpError(f"{source}: tensor {key} is for module {name!r}, but adapter_config.json targets "
                                 f"{targets!r}: peft would drop it and the adapter would change nothing")
