@@ -1,5 +1,5 @@
 """The study's stages, one module per group (``base_model``: the model, cache and base EM score; ``organisms``;
-``directions``, ``steering``; ``transfer``; ``monitor``; ``defenses``); :func:`default_stages` lists them in pipeline order."""
+``directions``, ``steering``; ``transfer``; ``perturbations`` and ``monitor``; ``defenses``); :func:`default_stages` lists them in pipeline order."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ def default_stages() -> tuple[Stage[Any], ...]:
         directions,
         monitor,
         organisms,
+        perturbations,
         steering,
         transfer,
     )
 
-    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *steering.STAGES, *transfer.STAGES, *monitor.STAGES, *defenses.STAGES)
+    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *steering.STAGES, *transfer.STAGES, *perturbations.STAGES, *monitor.STAGES, *defenses.STAGES)

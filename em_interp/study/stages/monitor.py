@@ -1,9 +1,7 @@
-"""Stages of the drift monitor (Nghiem et al., 2026): the perturbation library, then the monitor against its baselines.
+"""The ``monitor`` stage (Nghiem et al., 2026): the drift monitor against its baselines, on the perturbation library.
 
-``perturbations`` trains and measures the library (:mod:`em_interp.monitor.perturbations`) through the
-sweep engine (:mod:`em_interp.monitor.sweep`: this process, or Ray with ``--ray``); each run is cached, so
-a killed build resumes at the run it was in. ``monitor`` builds the trait basis at the monitor
-layer, trains the TopK SAE baseline, takes the misalignment direction (difference of means of the
+After the ``perturbations`` stage has measured the library (:mod:`em_interp.study.stages.perturbations`),
+``monitor`` builds the trait basis at the monitor layer, trains the TopK SAE baseline, takes the misalignment direction (difference of means of the
 base model's misaligned minus aligned answers at that layer: :func:`em_interp.directions.answer_contrast_direction`),
 evaluates every detector (:mod:`em_interp.monitor.scoring`), measures the monitor's cost, and
 saves the fitted monitor and basis to ``OUT/monitor/`` for use in other training runs.
@@ -11,9 +9,7 @@ saves the fitted monitor and basis to ``OUT/monitor/`` for use in other training
 
 from __future__ import annotations
 
-import functools
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,16 +21,10 @@ from em_interp.data import PairedQuestion, domain_dataset, general_questions
 from em_interp.directions import answer_contrast_direction
 from em_interp.monitor.detection import DetectionScore
 from em_interp.monitor.detector import DriftMonitor, monitor_cost
-from em_interp.monitor.drift import TraitBasis, label_questions, monitor_layer, monitor_prompts, trait_basis
+from em_interp.monitor.drift import TraitBasis, label_questions, trait_basis
+from em_interp.monitor.label import label_summary
 from em_interp.monitor.perturbations import (
     DriftLibrary,
-    LibrarySetup,
-    PerturbationType,
-    RunRecord,
-    builtin_types,
-    measure_run_spec,
-    run_specs,
-    select_types,
 )
 from em_interp.monitor.sae import train_topk_sae
 from em_interp.monitor.scoring import (
@@ -44,82 +34,15 @@ from em_interp.monitor.scoring import (
     dangerous_threshold,
     evaluate_library,
 )
-from em_interp.monitor.sweep import run_sweep, shutdown_local_ray
 from em_interp.report import Section
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.contract import Headline, Stage
 from em_interp.study.records import StageFileError, record_type
 
-record_type(RunRecord)
-record_type(DriftLibrary)
 record_type(DetectionScore)
 
 
-def _label_questions(config: StudyConfig) -> list[PairedQuestion]:
-    return label_questions(config.budget.monitor.questions)
-
-
-def library_types(config: StudyConfig) -> list[PerturbationType]:
-    """The budget's perturbation types (all built-in ones and the public sets found, unless it names some)."""
-    types = builtin_types(config.external)
-    return select_types(types, config.budget.monitor.types) if config.budget.monitor.types else types
-
-
-# ---------------------------------------------------------------- perturbations
-def run_perturbations(ctx: StudyContext) -> DriftLibrary:
-    """Train and measure every run of the library (cached per run; Ray with ``config.ray``)."""
-    config, budget = ctx.config, ctx.config.budget
-    model = ctx.model
-    layer = monitor_layer(model.n_layers)
-    setup = LibrarySetup(config.model, model.n_layers, layer, tuple(_label_questions(config)),
-                         tuple(monitor_prompts(config.budget.monitor.prompts, config.external)), config.device)
-    types = library_types(config)
-    specs = run_specs(types, range(config.seed, config.seed + budget.monitor.seeds), budget.monitor.steps,
-                      budget.monitor.every, budget.monitor.learning_rate)
-    start = time.perf_counter()
-    try:
-        records = run_sweep(functools.partial(measure_run_spec, setup=setup), specs, ray=config.ray,
-                            progress=config.progress)
-    finally:
-        shutdown_local_ray(config.ray)
-    library = DriftLibrary(layer, [{"name": t.name, "intent": t.intent, "lora": t.lora, "source": t.source}
-                                   for t in types], [q.id for q in setup.questions],
-                           [p.question for p in setup.prompts], records, round(time.perf_counter() - start, 2))
-    ctx.drift_library = library
-    return library
-
-
-def restore_perturbations(ctx: StudyContext, result: DriftLibrary) -> None:
-    """The measured library."""
-    ctx.drift_library = result
-
-
-def perturbations_section(r: DriftLibrary, config: StudyConfig) -> Section:
-    """Report section of the library: one row per type with its runs' final EM shift."""
-    rows = []
-    for t in r.types:
-        runs = [x for x in r.records if x.type == t["name"]]
-        rows.append({"type": t["name"], "intent": t["intent"], "LoRA": t["lora"], "runs": len(runs),
-                     "final EM shift (mean over seeds)": round(float(np.mean([x.em_shift[-1] for x in runs])), 4),
-                     "train s/run": round(float(np.mean([x.seconds_train for x in runs])), 1)})
-    steps = r.records[0].steps
-    return Section(
-        "Drift monitor: perturbation library",
-        [f"{len(r.records)} fine-tuning runs of {len(r.types)} types, checkpoints at steps {list(steps[1:])}, built in "
-         f"{r.seconds:.0f} s. Each checkpoint is labelled by its judge-free EM shift over the base model on "
-         f"{len(r.question_ids)} held-out general questions (paired per question), and measured at layer {r.layer} "
-         f"on {len(r.prompts)} monitor prompts."], table=rows)
-
-
-def perturbations_entries(r: DriftLibrary) -> dict[str, Any]:
-    """results.json entry of the library (the monitor stage's entry carries the evaluation)."""
-    return {"monitor_library": {"types": [t["name"] for t in r.types], "runs": [x.run for x in r.records],
-                                "layer": r.layer, "label_questions": len(r.question_ids), "prompts": len(r.prompts),
-                                "seconds": r.seconds}}
-
-
-# ---------------------------------------------------------------- monitor
 @record_type
 @dataclass(frozen=True)
 class MonitorResult:
@@ -149,6 +72,9 @@ class MonitorResult:
     kind_selection: dict[str, float]
     #: "evaluated", or why not ("not evaluable: ...")
     status: str = "evaluated"
+    #: the label's split-half reliability (Spearman-Brown) and the checkpoints within noise of the line
+    #: (:func:`em_interp.monitor.label.label_summary`)
+    label: dict[str, Any] = field(default_factory=dict)
 
 
 def _num(x: float) -> float | None:
@@ -218,10 +144,12 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     table = checkpoint_table(library.records, basis, sae, direction)
     sae_info = {"latents": float(sae.d_sae), "k": float(budget.monitor.sae_k), "final_mse": sae.final_mse,
                 "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))}
+    label = label_summary(np.concatenate([r.question_shift[1:] for r in library.records]),
+                          dangerous_threshold(table, np.isin(table.type, list(budget.monitor.calibration))), config.seed)
     not_evaluable = _not_evaluable(table, budget.monitor.calibration, basis.names, layer, sae_info)
     if not_evaluable is not None:
         ctx.drift_monitor = None
-        return not_evaluable
+        return replace(not_evaluable, label=label)
     evaluation = evaluate_library(table, budget.monitor.calibration, basis.names, min_leaf=budget.monitor.min_leaf,
                                   seed=config.seed, n_boot=budget.monitor.bootstrap)
     calibration = evaluation.calibration
@@ -233,7 +161,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     monitor.save(folder / "drift_monitor")
     basis.save(folder / "trait_basis")
     ctx.drift_monitor = folder
-    questions = _label_questions(config)
+    questions = label_questions(config.budget.monitor.questions)
     prompts = [ChatExample(p) for p in library.prompts]
     cost = _measure_cost(model, basis, monitor, library, config, questions, prompts)
     types = list(dict.fromkeys(table.type.tolist()))
@@ -246,7 +174,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                          detectors, evaluation.pc1_variance, evaluation.explained_variance.tolist(),
                          dict(evaluation.lead_steps), cost, sae_info, rows,
                          {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
-                         evaluation.monitor_kind, dict(evaluation.kind_selection))
+                         evaluation.monitor_kind, dict(evaluation.kind_selection), label=label)
 
 
 def restore_monitor(ctx: StudyContext, result: MonitorResult) -> None:
@@ -345,7 +273,7 @@ def monitor_section(r: MonitorResult, config: StudyConfig) -> Section:
         [f"Trait drift at layer {r.layer} on {len(r.names)} traits ({', '.join(r.names)}). Calibration types "
          f"{', '.join(r.calibration_types)}; held out: {', '.join(r.heldout_types)}. A checkpoint is dangerous when its EM "
          f"shift exceeds {r.danger_threshold:+.4f} nats/token (95th percentile of the calibration aligned/benign checkpoints and at least 0, fixed "
-         "before any held-out type was scored).",
+         "before any held-out type was scored)." + _label_text(r.label),
          "The monitor's kind, picked by leave-one-type-out within the calibration types (AUROC there: "
          + ", ".join(f"{k} {v:.3f}" for k, v in r.kind_selection.items()) + f"): {r.monitor_kind}. "
          f"On the held-out types the monitor reaches AUROC {_fmt(m, 'auroc')}, FNR {_fmt(m, 'fnr')}, FPR {_fmt(m, 'fpr')} "
@@ -356,6 +284,18 @@ def monitor_section(r: MonitorResult, config: StudyConfig) -> Section:
          f"evaluation (one sampled answer per label question + the judge-free score): ratio {c['cost_ratio']:.2%}; "
          f"{c['cost_ratio_vs_label']:.1%} of the judge-free label alone; monitor state {c['monitor_state_bytes'] / 1024:.0f} KiB."],
         table=table, figures=monitor_figures(r))
+
+
+def _label_text(label: dict[str, Any]) -> str:
+    """The label's reliability in one sentence (empty for records made before it was measured)."""
+    if not label:
+        return ""
+    if label["reliability"] is None:
+        return f" The label's reliability could not be measured ({label['why']})."
+    lo, hi = label["reliability_range"]
+    return (f" The label's split-half reliability over its {label['questions']} questions (Spearman-Brown corrected) is "
+            f"{label['reliability']:.2f} (random splits {lo:.2f}-{hi:.2f}); {label['within_noise_of_line']} of "
+            f"{label['checkpoints']} checkpoints have a 95% CI (questions resampled) that contains the danger line.")
 
 
 def _short(d: dict[str, Any]) -> dict[str, Any]:
@@ -369,7 +309,7 @@ def monitor_entries(r: MonitorResult) -> dict[str, Any]:
         return {"monitor": {"status": r.status, "types": r.types, "runs": r.runs, "calibration_types": r.calibration_types,
                             "heldout_types": r.heldout_types, "threshold": r.danger_threshold, "layer": r.layer,
                             "traits": r.names, "pc1_variance": r.pc1_variance, "auroc": None, "fnr": None, "fpr": None,
-                            "lead_steps": None, "baselines": {}, "cost_ratio": None, "sae": r.sae}}
+                            "lead_steps": None, "baselines": {}, "cost_ratio": None, "sae": r.sae, "label": r.label}}
     m = r.detectors["monitor"]
     lead = _lead_summary(r.lead_steps)
     return {"monitor": {
@@ -381,7 +321,7 @@ def monitor_entries(r: MonitorResult) -> dict[str, Any]:
         "kind": r.monitor_kind, "kind_selection": {k: _num(v) for k, v in r.kind_selection.items()},
         "variants": {name: _short(d) for name, d in r.detectors.items() if name in MONITOR_DETECTORS and name != "monitor"},
         "baselines": {name: _short(d) for name, d in r.detectors.items() if name not in MONITOR_DETECTORS},
-        "cost_ratio": r.cost["cost_ratio"], "cost": r.cost, "sae": r.sae, "monitor_path": r.monitor_path}}
+        "cost_ratio": r.cost["cost_ratio"], "cost": r.cost, "sae": r.sae, "monitor_path": r.monitor_path, "label": r.label}}
 
 
 def monitor_headlines(r: MonitorResult) -> list[Headline]:
@@ -393,8 +333,6 @@ def monitor_headlines(r: MonitorResult) -> list[Headline]:
 
 
 STAGES: tuple[Stage[Any], ...] = (
-    Stage("perturbations", "drift monitor", needs=("model",), provides=("drift_library",), run=run_perturbations,
-          restore=restore_perturbations, section=perturbations_section, entries=perturbations_entries),
     Stage("monitor", "drift monitor", needs=("model", "drift_library"), provides=("drift_monitor",), run=run_monitor,
           restore=restore_monitor, section=monitor_section, entries=monitor_entries, headlines=monitor_headlines),
 )

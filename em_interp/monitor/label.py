@@ -1,0 +1,93 @@
+"""How far to trust the monitor's behavioural label: its reliability across questions, and checkpoints within noise.
+
+Each checkpoint is labelled by its EM shift over the base model, the mean over held-out questions
+of a per-question shift (:mod:`em_interp.monitor.perturbations`). Two measures say how much of that
+label is the checkpoint and how much the question sample:
+
+- :func:`label_reliability`: the split-half reliability across checkpoints, Spearman-Brown corrected
+  to the full question set (``2r / (1 + r)``, r the correlation between the two halves' labels),
+  averaged over random splits, with the 2.5-97.5 percentiles of those splits;
+- :func:`within_noise`: the checkpoints whose 95% bootstrap CI (questions resampled) contains the
+  danger line, i.e. whose *dangerous* verdict the question sample alone could flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from em_interp.errors import EmInterpError
+from em_interp.validate import finite_array, finite_number
+
+
+@dataclass(frozen=True)
+class LabelReliability:
+    """Spearman-Brown corrected split-half reliability of a label over ``n_rows`` checkpoints."""
+
+    reliability: float
+    reliability_range: tuple[float, float]
+    split_half_r: float
+    n_rows: int
+    n_questions: int
+    n_splits: int
+
+
+def _question_matrix(question_shift: np.ndarray) -> np.ndarray:
+    x = finite_array("question_shift", question_shift)
+    if x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 2:
+        raise EmInterpError(f"question_shift must be (checkpoints >= 3, questions >= 2), got shape {x.shape}")
+    return x
+
+
+def label_reliability(question_shift: np.ndarray, n_splits: int = 200, seed: int = 0) -> LabelReliability:
+    """Split-half reliability of the row means of ``question_shift`` (rows: checkpoints, columns: questions)."""
+    x = _question_matrix(question_shift)
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
+        raise EmInterpError(f"n_splits={n_splits!r} must be an integer >= 1")
+    rng = np.random.default_rng(seed)
+    half = x.shape[1] // 2
+    rs = []
+    for _ in range(n_splits):
+        order = rng.permutation(x.shape[1])
+        a, b = x[:, order[:half]].mean(1), x[:, order[half:]].mean(1)
+        if a.std() == 0 or b.std() == 0:
+            continue  # a half with no variation across checkpoints says nothing
+        rs.append(float(np.corrcoef(a, b)[0, 1]))
+    if not rs:
+        raise EmInterpError("the label does not vary across checkpoints in any split: no reliability to measure")
+    r = np.array(rs)
+    sb = 2 * r / (1 + r)
+    return LabelReliability(float(sb.mean()), (float(np.percentile(sb, 2.5)), float(np.percentile(sb, 97.5))),
+                            float(r.mean()), x.shape[0], x.shape[1], len(rs))
+
+
+def within_noise(question_shift: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Per row: whether the 95% bootstrap CI of its mean (questions resampled, the same draws for every row)
+    contains ``threshold``."""
+    x = _question_matrix(question_shift)
+    line = finite_number("threshold", threshold)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise EmInterpError(f"n_boot={n_boot!r} must be an integer >= 1")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, x.shape[1], size=(n_boot, x.shape[1]))
+    means = x[:, picks].mean(2)  # (rows, n_boot)
+    low, high = np.percentile(means, 2.5, axis=1), np.percentile(means, 97.5, axis=1)
+    return (low <= line) & (line <= high)
+
+
+def label_summary(question_shift: np.ndarray, threshold: float, seed: int = 0) -> dict[str, Any]:
+    """The label's reliability and how many checkpoints sit within noise of the danger line ``threshold`` (JSON-ready).
+
+    A library too small to measure it (fewer than 3 checkpoints or 2 questions, or a label that never
+    varies) gives ``{"reliability": None, "why": ...}`` rather than an error: the study goes on.
+    """
+    try:
+        reliability = label_reliability(question_shift, seed=seed)
+    except EmInterpError as exc:
+        return {"reliability": None, "why": str(exc)}
+    near = within_noise(question_shift, threshold, seed=seed)
+    return {"reliability": reliability.reliability, "reliability_range": list(reliability.reliability_range),
+            "split_half_r": reliability.split_half_r, "questions": reliability.n_questions,
+            "checkpoints": reliability.n_rows, "within_noise_of_line": int(near.sum())}
