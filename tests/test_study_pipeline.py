@@ -159,6 +159,8 @@ def test_monitor_stage_reports_the_documented_keys_and_saves_a_loadable_monitor(
     assert sorted(m["calibration_types"] + m["heldout_types"]) == sorted(m["types"])
     assert m["runs"] == [f"{t}/s0" for t in m["types"]] and 0 < m["pc1_variance"] <= 1
     assert m["cost_ratio"] > 0 and m["cost"]["monitor_state_bytes"] > 0
+    seeds = m["sae"]["over_seeds"]  # the SAE baseline over its training seeds, the first one the table's row
+    assert seeds["n_seeds"] == 2 and len(seeds["auroc"]) == 2 and seeds["auroc"][0] == m["baselines"]["sae_feature_drift"]["auroc"]
     label = m["label"]  # the label's reliability: measured, or why not (a tiny model's library is small)
     assert (label["reliability"] is None and label["why"]) or (
         label["checkpoints"] == 8 and 0 <= label["within_noise_of_line"] <= 8 and label["reliability"] <= 1)

@@ -24,8 +24,8 @@ drift), ``activation_drift_norm``, ``training_loss``, ``lora_weight_norm`` and
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,7 +104,6 @@ def checkpoint_table(records: Sequence[RunRecord], basis: TraitBasis, sae: Activ
     cols: dict[str, list] = {k: [] for k in CheckpointTable.__dataclass_fields__}
     for r in records:
         traj = run_trajectory(r, basis)
-        feats = torch.stack([sae.features(a.float()).mean(0) for a in r.activations])
         n = len(r.steps) - 1
         cols["run"] += [r.run] * n
         cols["type"] += [r.type] * n
@@ -113,12 +112,48 @@ def checkpoint_table(records: Sequence[RunRecord], basis: TraitBasis, sae: Activ
         cols["em_shift"] += list(r.em_shift[1:])
         cols["trait_drift"].append(traj.drift[1:].numpy())
         cols["activation_drift"].append(traj.activation_drift[1:].numpy())
-        cols["sae_drift"].append((feats[1:] - feats[0]).numpy())
+        cols["sae_drift"].append(sae_drift([r], sae))
         cols["train_loss"] += list(r.train_loss[1:])
         cols["lora_norm"] += list(r.lora_norm[1:])
         cols["direction_drift"] += list((traj.activation_drift[1:] @ unit).numpy())
     return CheckpointTable(**{k: np.concatenate(v).astype(np.float64) if isinstance(v[0], np.ndarray) else np.asarray(v)
                               for k, v in cols.items()})
+
+
+def sae_drift(records: Sequence[RunRecord], sae: ActivationSAE) -> np.ndarray:
+    """The SAE baseline's input: per checkpoint after step 0, the mean latent activation minus step 0's."""
+    out = []
+    for r in records:
+        feats = torch.stack([sae.features(a.float()).mean(0) for a in r.activations])
+        out.append((feats[1:] - feats[0]).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def sae_over_seeds(table: CheckpointTable, records: Sequence[RunRecord], saes: Sequence[ActivationSAE],
+                   calibration_types: Sequence[str], names: tuple[str, ...], min_leaf: int = 5, seed: int = 0,
+                   n_boot: int = 1000) -> dict[str, Any]:
+    """The SAE baseline on the held-out types once per SAE (one per training seed): each AUROC, FNR and FPR,
+    and the mean and range of each.
+
+    One SAE is one draw: its TopK latents, and so the baseline's verdict, can swing with the training
+    seed or with float rounding on another machine. Reported over seeds, the baseline is a measurement
+    with its spread, not one lucky (or unlucky) draw.
+    """
+    if not saes:
+        raise EmInterpError("saes is empty: no SAE to score")
+    per: dict[str, list[float]] = {"auroc": [], "fnr": [], "fpr": []}
+    for sae in saes:
+        redone = replace(table, sae_drift=sae_drift(records, sae))
+        held = evaluate_library(redone, calibration_types, names, min_leaf, seed, n_boot,
+                                detectors=("sae_feature_drift",)).detectors["sae_feature_drift"].heldout
+        for key in per:
+            per[key].append(float(getattr(held, key)))
+    out: dict[str, Any] = {"n_seeds": len(saes), **per}
+    for key, values in per.items():
+        finite = [v for v in values if np.isfinite(v)]
+        out[f"{key}_mean"] = float(np.mean(finite)) if finite else None
+        out[f"{key}_range"] = [float(min(finite)), float(max(finite))] if finite else None
+    return out
 
 
 def dangerous_threshold(table: CheckpointTable, calibration: np.ndarray) -> float:

@@ -147,11 +147,13 @@ class MonitorBudget(_Group):
     #: fitting questions whose prompts build the monitor's trait basis; bootstrap draws of its CIs
     trait_questions: int = 8
     bootstrap: int = 1000
-    #: the SAE baseline: latents, active latents (TopK), training steps, chat examples whose answer tokens train it
+    #: the SAE baseline: latents, active latents (TopK), training steps, chat examples whose answer tokens train it,
+    #: and how many SAEs (training seeds) it is reported over (its verdict swings with the seed)
     sae_latents: int = 256
     sae_k: int = 16
     sae_steps: int = 2000
     sae_examples: int = 160
+    sae_seeds: int = 5
 
     def __post_init__(self) -> None:
         self._check_sizes()
@@ -282,7 +284,7 @@ class Budget:
             MonitorBudget(types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
                           calibration=("medical-misaligned", "benign"), seeds=1, steps=6, every=3, learning_rate=6e-3,
                           questions=8, prompts=8, min_leaf=1, trait_questions=2, bootstrap=200, sae_steps=300,
-                          sae_examples=24),
+                          sae_examples=24, sae_seeds=2),
             DefenseBudget(steps=4, learning_rate=6e-3, batch_size=2, questions=8, task_examples=4, check_every=2,
                           timing_cycles=1,
                           strengths=(("kl", (1.0,)), ("ldifs", (10.0,)), ("safelora", (0.5,)), ("interleave", (5.0,)),

@@ -33,6 +33,7 @@ from em_interp.monitor.scoring import (
     checkpoint_table,
     dangerous_threshold,
     evaluate_library,
+    sae_over_seeds,
 )
 from em_interp.report import Section
 from em_interp.study.config import StudyConfig
@@ -60,7 +61,7 @@ class MonitorResult:
     explained_variance: list[float]
     lead_steps: dict[str, Any]
     cost: dict[str, float]
-    sae: dict[str, float]
+    sae: dict[str, Any]
     #: per checkpoint (step > 0): run, type, step, EM shift, dangerous, held out, trait drift, monitor alarm
     rows: dict[str, Any]
     #: held-out scores per detector (ROC figure)
@@ -107,7 +108,7 @@ def _checkpoint_rows(table: CheckpointTable, calibration: np.ndarray, dangerous:
 
 
 def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], names: tuple[str, ...], layer: int,
-                   sae_info: dict[str, float]) -> MonitorResult | None:
+                   sae_info: dict[str, Any]) -> MonitorResult | None:
     """A result that says why, when no calibration checkpoint is dangerous (short runs, small budgets, some seeds)."""
     from sklearn.decomposition import PCA
 
@@ -138,11 +139,12 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     sae_examples += domain_dataset(config.domain, "aligned", "train")
     sae_acts = cache_residuals(model, sae_examples[: budget.monitor.sae_examples], layers=[layer], reduction="answer_tokens",
                                batch_size=16, progress=False)[layer]
-    sae = train_topk_sae(sae_acts, layer, d_sae=budget.monitor.sae_latents, k=budget.monitor.sae_k, steps=budget.monitor.sae_steps,
-                         seed=config.seed)
+    saes = [train_topk_sae(sae_acts, layer, d_sae=budget.monitor.sae_latents, k=budget.monitor.sae_k,
+                           steps=budget.monitor.sae_steps, seed=config.seed + i) for i in range(budget.monitor.sae_seeds)]
+    sae = saes[0]
     direction = answer_contrast_direction(model, fit_q[: budget.monitor.trait_questions * 2], layer)
     table = checkpoint_table(library.records, basis, sae, direction)
-    sae_info = {"latents": float(sae.d_sae), "k": float(budget.monitor.sae_k), "final_mse": sae.final_mse,
+    sae_info: dict[str, Any] = {"latents": float(sae.d_sae), "k": float(budget.monitor.sae_k), "final_mse": sae.final_mse,
                 "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))}
     label = label_summary(np.concatenate([r.question_shift[1:] for r in library.records]),
                           dangerous_threshold(table, np.isin(table.type, list(budget.monitor.calibration))), config.seed)
@@ -152,6 +154,8 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
         return replace(not_evaluable, label=label)
     evaluation = evaluate_library(table, budget.monitor.calibration, basis.names, min_leaf=budget.monitor.min_leaf,
                                   seed=config.seed, n_boot=budget.monitor.bootstrap)
+    sae_info["over_seeds"] = sae_over_seeds(table, library.records, saes, budget.monitor.calibration, basis.names,
+                                            budget.monitor.min_leaf, config.seed, budget.monitor.bootstrap)
     calibration = evaluation.calibration
     monitor = DriftMonitor(model.name, layer, basis.names, min_samples_leaf=budget.monitor.min_leaf, seed=config.seed,
                            kind=evaluation.monitor_kind)  # type: ignore[arg-type]
@@ -282,8 +286,19 @@ def monitor_section(r: MonitorResult, config: StudyConfig) -> Section:
          f"{lead['median']} steps before the label, {lead['not_later_than_label']} no later than it.",
          f"Cost: {c['monitor_seconds']:.3f} s per checkpoint vs {c['behavioural_eval_seconds']:.1f} s for one behavioural "
          f"evaluation (one sampled answer per label question + the judge-free score): ratio {c['cost_ratio']:.2%}; "
-         f"{c['cost_ratio_vs_label']:.1%} of the judge-free label alone; monitor state {c['monitor_state_bytes'] / 1024:.0f} KiB."],
+         f"{c['cost_ratio_vs_label']:.1%} of the judge-free label alone; monitor state {c['monitor_state_bytes'] / 1024:.0f} KiB."
+         + _sae_seeds_text(r.sae.get("over_seeds"))],
         table=table, figures=monitor_figures(r))
+
+
+def _sae_seeds_text(seeds: dict[str, Any] | None) -> str:
+    """The SAE baseline over its training seeds in one sentence (the table's SAE row is the first seed)."""
+    if not seeds or seeds.get("auroc_mean") is None:
+        return ""
+    lo, hi = seeds["auroc_range"]
+    rates = "".join(f", {k.upper()} mean {seeds[f'{k}_mean']:.3f}" for k in ("fnr", "fpr") if seeds[f"{k}_mean"] is not None)
+    return (f" The SAE baseline over {seeds['n_seeds']} SAE training seeds: held-out AUROC mean {seeds['auroc_mean']:.3f} "
+            f"(range {lo:.3f}-{hi:.3f}){rates}; the table's row is the first seed.")
 
 
 def _label_text(label: dict[str, Any]) -> str:
