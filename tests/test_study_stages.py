@@ -178,3 +178,23 @@ def test_transfer_stage_reports_why_it_did_not_run(config, models, tmp_path):
     ctx = context(config, "transfer", model=models["base"], organism=models["organism"], best_layer=1)
     _, entries = check("transfer", ctx, config, tmp_path)
     assert entries["transfer"]["status"] == "not run"
+
+
+def test_the_defenses_headline_is_the_best_within_the_task_budget():
+    """SafeLoRA removing 177% at +45% task cost must not headline over steering's 51% at +5%."""
+    from types import SimpleNamespace
+
+    from em_interp.study.stages.defenses import defenses_headlines
+
+    def entry(strengths, reductions, costs):
+        return {"strengths": strengths, "em_reduction": reductions, "task_cost": costs,
+                "em_reduction_ci": [(x - 0.1, x + 0.1) for x in reductions]}
+
+    table = {"safelora": entry([0.25, 0.5], [1.77, 0.2], [0.45, 0.02]),
+             "preventative_steering": entry([0.1, 0.3], [0.2, 0.51], [0.01, 0.051])}
+    result = SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}})
+    [line] = defenses_headlines(result)
+    assert line.value == 0.51 and "preventative_steering=0.3" in line.label and "within a 10% task-loss rise" in line.label
+    table = {"safelora": entry([0.25], [1.77], [0.45])}
+    [line] = defenses_headlines(SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}}))
+    assert line.value == 1.77 and "OUTSIDE" in line.label

@@ -328,7 +328,8 @@ def defenses_section(r: DefensesResult, config: StudyConfig) -> Section:
         for name, e in t["defenses"].items():
             for i, s in enumerate(e["strengths"]):
                 lo, hi = e["em_shift_ci"][i]
-                rows.append({"domain": d, "defense": name + (" (best)" if i == e["best"] else ""), "strength": s,
+                mark = "" if i != e["best"] else " (best)" if e["task_cost"][i] <= TARGET_COST else " (cheapest, over budget)"
+                rows.append({"domain": d, "defense": name + mark, "strength": s,
                              "EM shift over control [95% CI]": f"{e['em_shift'][i]:+.4f} [{lo:+.4f}, {hi:+.4f}]",
                              "EM removed": _pct(e["em_reduction"][i]), "task loss": round(e["task_loss"][i], 4),
                              "task cost": _pct(e["task_cost"][i]), "benign cost": _pct(e["benign_cost"][i]),
@@ -357,15 +358,19 @@ def defenses_section(r: DefensesResult, config: StudyConfig) -> Section:
 
 
 def defenses_headlines(r: DefensesResult) -> list[Headline]:
-    """Summary line: the best defense (at its best setting) by EM removed."""
+    """Summary line: the most EM removed by any defense setting within the task budget (task-loss rise
+    <= 10%); only when no setting is within it, the best one outside it, labelled as outside."""
     first = r.by_domain[r.domains[0]]["defenses"]
-    best = [(e["em_reduction"][e["best"]], n, e) for n, e in first.items() if e["best"] is not None]
-    if not best:
+    settings = [(e["em_reduction"][i], n, e, i) for n, e in first.items() for i in range(len(e["strengths"]))]
+    if not settings:
         return []
-    red, name, e = max(best, key=lambda x: x[0])
-    lo, hi = e["em_reduction_ci"][e["best"]]
-    return [Headline(f"EM removed by the best defense ({name}={e['strengths'][e['best']]:g}, task cost "
-                     f"{_pct(e['task_cost'][e['best']])})", red, (lo, hi), "")]
+    within = [x for x in settings if x[2]["task_cost"][x[3]] <= TARGET_COST]
+    red, name, e, i = max(within or settings, key=lambda x: x[0])
+    lo, hi = e["em_reduction_ci"][i]
+    where = (f"within a {TARGET_COST:.0%} task-loss rise" if within
+             else f"none is within a {TARGET_COST:.0%} task-loss rise: the best OUTSIDE it")
+    return [Headline(f"EM removed by the best defense {where} ({name}={e['strengths'][i]:g}, task cost "
+                     f"{_pct(e['task_cost'][i])})", red, (lo, hi), "")]
 
 
 STAGES: tuple[Stage[Any], ...] = (
