@@ -36,6 +36,17 @@ class TraitSpec:
     negative: tuple[str, ...]
     description: str = ""
 
+    def __post_init__(self) -> None:
+        for side in ("positive", "negative"):
+            prompts = getattr(self, side)
+            if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                raise EmInterpError(f"trait {self.name!r}: {side} must be a non-empty tuple of non-empty prompts")
+            if len(set(prompts)) != len(prompts):
+                raise EmInterpError(f"trait {self.name!r}: a {side} prompt is repeated")
+        both = sorted(set(self.positive) & set(self.negative))
+        if both:
+            raise EmInterpError(f"trait {self.name!r}: {both[:2]} is both a positive and a negative prompt")
+
 
 def _parse_traits(data: object, source: str) -> dict[str, TraitSpec]:
     if not isinstance(data, dict) or not isinstance(data.get("traits"), dict):
@@ -67,8 +78,14 @@ def trait_vectors(model: HookedModel, questions: Sequence[str], layer: int,
                   batch_size: int = 8, progress: bool = False) -> dict[str, Direction]:
     """One unit-normed direction per trait at ``layer``, from the last prompt token over ``questions``."""
     traits = builtin_traits() if traits is None else traits
-    if not questions:
-        raise EmInterpError("questions is empty")
+    if isinstance(questions, str) or not questions:
+        raise EmInterpError("questions must be a non-empty list of question strings")
+    bad = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
+    if bad:
+        raise EmInterpError(f"questions {bad} (0-based) are empty or not strings")
+    repeated = sorted({q for q in questions if list(questions).count(q) > 1})
+    if repeated:
+        raise EmInterpError(f"questions repeat {repeated[:3]}: a repeated prompt would weigh twice in every trait vector")
     layer = model.check_layer(layer)
     out = {}
     for name, spec in traits.items():

@@ -88,3 +88,20 @@ def test_checkpoints_of_another_base_model_are_refused(run, tiny_dirs, tmp_path)
     basis = trait_basis(model, QUESTIONS)
     with pytest.raises(EmInterpError, match=r"checkpoint-1 was trained on base model .*qwen2"):
         measure_run(model, tmp_path / "other", basis, PROMPTS)
+
+
+def test_trait_prompts_that_are_empty_repeated_or_on_both_sides_are_refused(tiny_models):
+    import pytest
+
+    from em_interp.errors import EmInterpError
+    from em_interp.traits import TraitSpec, trait_vectors
+
+    model = tiny_models["llama"]
+    for questions, message in [("What is love?", "non-empty list"), ([], "non-empty list"), (["ok", " "], r"\[1\]"),
+                               (["Why?", "Why?"], "repeat")]:
+        with pytest.raises(EmInterpError, match=message):
+            trait_vectors(model, questions, 1)
+    for pos, neg, message in [((), ("b",), "positive must be"), (("a", "a"), ("b",), "repeated"),
+                              (("a", "b"), ("b",), "both a positive and a negative")]:
+        with pytest.raises(EmInterpError, match=message):
+            TraitSpec("t", pos, neg)
