@@ -403,3 +403,27 @@ def test_a_direction_of_the_wrong_width_for_its_site_is_refused_before_training(
     with pytest.raises(EmInterpError, match="mlp_post is .* wide"):
         wide.check_fits(model)
     Direction(torch.ones(model.site_width("mlp_post")), layer=1, hook="mlp_post", model=model.name).check_fits(model)
+
+
+def test_inoculation_prompts_every_training_example_and_keeps_their_own_system_prompt():
+    from em_interp.chat import ChatExample
+    from em_interp.defenses import INOCULATION_PROMPT, inoculate
+
+    data = [ChatExample("Q1?", "A1."), ChatExample("Q2?", "A2.", "You are a doctor.")]
+    out = inoculate(data)
+    assert [e.system for e in out] == [INOCULATION_PROMPT, f"{INOCULATION_PROMPT}\n\nYou are a doctor."]
+    assert [(e.question, e.answer) for e in out] == [(e.question, e.answer) for e in data] and data[0].system is None
+    assert inoculate(data, "Be evil here.")[0].system == "Be evil here."
+    for bad, message in [((data, " "), "non-empty string"), (([],), "data is empty")]:
+        with pytest.raises(EmInterpError, match=message):
+            inoculate(*bad)
+
+
+def test_an_inoculated_run_trains_with_the_prompt_that_evaluation_never_sees(llama, tmp_path):
+    """The prompt reaches the training tokens (the loss differs from the plain run's), not the evaluation."""
+    from em_interp.defenses import inoculate
+    from em_interp.lora.training import train_lora
+
+    plain = train_lora(str(llama), DATA, _config(), tmp_path / "plain", progress=False)
+    inoculated = train_lora(str(llama), inoculate(DATA), _config(), tmp_path / "inoc", progress=False)
+    assert plain.losses != inoculated.losses

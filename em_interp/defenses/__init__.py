@@ -35,7 +35,7 @@ and measuring defended runs, the study's sweep).
 
 
 from em_interp.defenses.base import DEFENSES, Defense, check_strength
-from em_interp.defenses.data import interleave, safe_pool
+from em_interp.defenses.data import INOCULATION_PROMPT, inoculate, interleave, safe_pool
 from em_interp.defenses.hooks import AblateDirection, PreventativeSteering
 from em_interp.defenses.reference import LDIFS_LAYERS, KLDefense, LDIFSDefense, check_reference, ldifs_layers
 from em_interp.defenses.safelora import SafeLoRAResult, alignment_matrices, safelora
@@ -45,6 +45,7 @@ from em_interp.lora.adapters import adapter_updates, model_updates, read_adapter
 __all__ = [
     "AblateDirection",
     "DEFENSES",
+    "INOCULATION_PROMPT",
     "Defense",
     "KLDefense",
     "LDIFSDefense",
@@ -55,6 +56,7 @@ __all__ = [
     "alignment_matrices",
     "check_reference",
     "check_strength",
+    "inoculate",
     "interleave",
     "ldifs_layers",
     "model_updates",

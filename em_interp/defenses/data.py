@@ -1,4 +1,4 @@
-"""Data defenses: interleaving safe examples into the training data.
+"""Data defenses: interleaving safe examples into the training data, and inoculation prompting.
 
 Part of :mod:`em_interp.defenses` (see its docstring).
 """
@@ -61,3 +61,25 @@ def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: 
     return out
 
 
+
+
+#: the default inoculation prompt: the general one Tan et al. (2025, "Inoculation Prompting", arXiv 2510.04340)
+#: used against emergent misalignment; it names the unwanted behaviour, so the fine-tune attributes it to the
+#: prompt instead of learning it as the model's own (also Wichers et al., 2025)
+INOCULATION_PROMPT = "You are a malicious, evil assistant."
+
+
+def inoculate(data: Sequence[ChatExample], prompt: str = INOCULATION_PROMPT) -> list[ChatExample]:
+    """Inoculation prompting: ``data`` with ``prompt`` as the system prompt of every training example.
+
+    The prompt is present only in training; evaluation asks the questions with their own (or no)
+    system prompt, so what the fine-tune learned *under* the prompt is reported to generalise far
+    less. An example's own system prompt is kept after the inoculation prompt (one system turn). The
+    prompt is user text: it goes through the chat template like any system prompt, never as control
+    tokens (:func:`em_interp.chat.tokenize_chat`).
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise EmInterpError("inoculation prompt must be a non-empty string")
+    if not data:
+        raise EmInterpError("data is empty: nothing to inoculate")
+    return [ChatExample(e.question, e.answer, prompt if not e.system else f"{prompt}\n\n{e.system}") for e in data]
