@@ -63,11 +63,12 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 -m "not integration" --durations=25 $(SHAPES)
 	$(PY) -m pytest -q -ra -m integration --durations=25
 
-# the inner loop: lint + every test on tiny random models (no real model, no notebook kernel, no quick study)
+# the inner loop: lint + every test on tiny random models (no real model, no notebook kernel, no quick study,
+# no multi-process test: DDP and the local Ray sweep run in make test)
 test-unit: $(STAMP)
 	$(VENV)/bin/ruff check em_interp tests benchmarks tools
 	$(VENV)/bin/mypy
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 -m "not integration and not notebook" --durations=10 $(SHAPES)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 -m "not integration and not notebook and not multiprocess" --durations=10 $(SHAPES)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py

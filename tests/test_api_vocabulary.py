@@ -174,10 +174,13 @@ def test_feature_subpackages_import_first_in_a_fresh_interpreter_without_depreca
     import sys
 
     # imported first, each pulls in the others it needs: no circular import, no internal use of an old path
-    for name in ("em_interp.lora", "em_interp.monitor", "em_interp.defenses.runs"):
-        done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {name}"],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, (name, done.stderr[-2000:])
+    # (the three interpreters run at once: each spends its seconds importing torch)
+    names = ("em_interp.lora", "em_interp.monitor", "em_interp.defenses.runs")
+    procs = [subprocess.Popen([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {name}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names]
+    for name, proc in zip(names, procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, err[-2000:])
 
 
 def test_the_runner_and_the_stages_share_a_contract_and_do_not_import_each_other():

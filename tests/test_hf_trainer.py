@@ -163,6 +163,7 @@ if dist.is_initialized():  # a torchrun script ends its process group (else gloo
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_process_data_parallel_equals_one_process(tiny_dirs, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)

@@ -75,6 +75,7 @@ def test_a_run_is_labelled_per_checkpoint_and_cached(tiny_dirs, monkeypatch):
     assert np.array_equal(again.em_shift, record.em_shift) and torch.equal(again.activations, record.activations)
 
 
+@pytest.mark.multiprocess
 def test_sweep_on_local_ray_gives_the_in_process_labels(tiny_dirs, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setenv("EM_INTERP_CACHE", str(tmp_path / "cache"))  # Ray workers inherit it and start empty
