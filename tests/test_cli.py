@@ -27,7 +27,9 @@ def quick_study(smollm, tmp_path_factory):
 
 def test_study_quick_writes_results_and_report(quick_study):
     out = quick_study
-    results = json.loads((out / "results.json").read_text())
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: an undefined value is null
+    results = json.loads(text)
     assert results["model"]["name"] == "smollm2-135m-instruct"
     assert (results["model"]["n_layers"], results["model"]["d_model"]) == (30, 576)
     assert results["model"]["load_seconds"] > 0
@@ -65,6 +67,7 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert monitor["layer"] == 15 and len(monitor["runs"]) == 4 and monitor["kind"] in ("forest", "logistic")
     assert monitor["threshold"] >= 0 and 0 < monitor["pc1_variance"] <= 1 and monitor["cost_ratio"] > 0
     assert (out / monitor["monitor_path"]).with_suffix(".json").is_file()
+    assert monitor["sae"]["over_seeds"]["n_seeds"] == 2 and monitor["label"]["questions"] == 8
     defenses, study = results["defenses"], results["defenses_study"]  # the six defenses on the real model
     assert set(defenses) == {"kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering"}
     assert all(len(d["em_shift"]) == len(d["strengths"]) == len(d["benign_task_loss"]) for d in defenses.values())

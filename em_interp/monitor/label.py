@@ -5,8 +5,8 @@ of a per-question shift (:mod:`em_interp.monitor.perturbations`). Two measures s
 label is the checkpoint and how much the question sample:
 
 - :func:`label_reliability`: the split-half reliability across checkpoints, Spearman-Brown corrected
-  to the full question set (``2r / (1 + r)``, r the correlation between the two halves' labels),
-  averaged over random splits, with the 2.5-97.5 percentiles of those splits;
+  to the full question set (``2r / (1 + r)``, r the correlation between the two halves' labels, averaged
+  over random splits), with the corrected 2.5-97.5 percentiles of the splits' r;
 - :func:`within_noise`: the checkpoints whose 95% bootstrap CI (questions resampled) contains the
   danger line, i.e. whose *dangerous* verdict the question sample alone could flip.
 """
@@ -58,9 +58,18 @@ def label_reliability(question_shift: np.ndarray, n_splits: int = 200, seed: int
     if not rs:
         raise EmInterpError("the label does not vary across checkpoints in any split: no reliability to measure")
     r = np.array(rs)
-    sb = 2 * r / (1 + r)
-    return LabelReliability(float(sb.mean()), (float(np.percentile(sb, 2.5)), float(np.percentile(sb, 97.5))),
+    low, high = np.percentile(r, [2.5, 97.5])
+    return LabelReliability(_spearman_brown(float(r.mean())), (_spearman_brown(float(low)), _spearman_brown(float(high))),
                             float(r.mean()), x.shape[0], x.shape[1], len(rs))
+
+
+def _spearman_brown(r: float) -> float:
+    """The reliability of the full question set from the half-set correlation ``r``: ``2r / (1 + r)``.
+
+    Applied to the mean correlation over splits (and to its percentiles: the map is monotone), not
+    averaged after mapping, which a negative correlation near -1 would send towards minus infinity.
+    """
+    return 2 * r / (1 + r) if r > -1 else float("-inf")
 
 
 def within_noise(question_shift: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0) -> np.ndarray:

@@ -148,7 +148,8 @@ def sae_over_seeds(table: CheckpointTable, records: Sequence[RunRecord], saes: S
                                 detectors=("sae_feature_drift",)).detectors["sae_feature_drift"].heldout
         for key in per:
             per[key].append(float(getattr(held, key)))
-    out: dict[str, Any] = {"n_seeds": len(saes), **per}
+    # None where a value is undefined (e.g. an AUROC over held-out rows of one class): JSON has no NaN
+    out: dict[str, Any] = {"n_seeds": len(saes), **{k: [v if np.isfinite(v) else None for v in vs] for k, vs in per.items()}}
     for key, values in per.items():
         finite = [v for v in values if np.isfinite(v)]
         out[f"{key}_mean"] = float(np.mean(finite)) if finite else None
