@@ -31,9 +31,10 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load, save
@@ -47,6 +48,8 @@ TENSORS_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".json"
 #: sidecar fields written by :func:`save_artifact` itself (an object's own fields may not use them)
 RESERVED = ("format", "format_version", "package_version", "digest")
+
+T = TypeVar("T")
 
 
 def artifact_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -126,6 +129,24 @@ def load_artifact(path: str | os.PathLike[str], kind: str, required: Sequence[st
         if name not in may_be_nan and value.is_floating_point() and not torch.isfinite(value).all():
             raise EmInterpError(f"{tensor_path}: tensor {name!r} has NaN or infinite entries")
     return arrays, fields
+
+
+def load_cached(path: str | os.PathLike[str], kind: str, build: Callable[[dict[str, Tensor], dict[str, Any]], T],
+                what: str, then: str, **load: Any) -> T | None:
+    """A cache record saved as the artefact ``kind``, made into its object by ``build(tensors, fields)``.
+
+    None when the record is absent, or when it cannot be read or built: then a warning names the file
+    (``what`` it is, and what happens ``then``) and the caller computes it again. A damaged cache is a
+    miss, never an error. ``load`` goes to :func:`load_artifact` (``tensors=``, ``may_be_nan=``, ...).
+    """
+    if not artifact_paths(path)[1].is_file():
+        return None
+    try:
+        tensors, fields = load_artifact(path, kind, **load)
+        return build(tensors, fields)
+    except (EmInterpError, KeyError, TypeError, ValueError) as exc:
+        warnings.warn(f"{what} {path} is unreadable ({exc}); {then}", stacklevel=3)
+        return None
 
 
 def sidecar_field(meta: Mapping[str, Any], name: str, kind: type, source: str | os.PathLike[str]) -> Any:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from em_interp.artifacts import artifact_paths, load_artifact, save_artifact
+from em_interp.artifacts import load_cached, save_artifact
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, domain_dataset
 from em_interp.defenses import (
@@ -237,17 +236,13 @@ def _save(record: DefenseRunRecord, key: str) -> None:
 def _load(key: str) -> DefenseRunRecord | None:
     """The cached record of ``key``, or None (missing, or its adapter gone; unreadable: a warning naming the
     file, and the run is measured again)."""
-    path = _record_path(key)
-    if not artifact_paths(path)[1].is_file():
-        return None
-    try:
-        arrays, fields = load_artifact(path, "defense_run", tensors=("per_question",))
+    def build(arrays: dict[str, torch.Tensor], fields: dict[str, Any]) -> DefenseRunRecord:
         fields.pop("key", None)
-        record = DefenseRunRecord(per_question=arrays["per_question"].numpy().astype(np.float64), **fields)
-    except (EmInterpError, TypeError, ValueError) as exc:
-        warnings.warn(f"defense run record {path} is unreadable ({exc}); measuring the run again", stacklevel=2)
-        return None
-    return record if Path(record.adapter_dir).is_dir() else None
+        return DefenseRunRecord(per_question=arrays["per_question"].numpy().astype(np.float64), **fields)
+
+    record = load_cached(_record_path(key), "defense_run", build, "defense run record", "measuring the run again",
+                         tensors=("per_question",))
+    return record if record is not None and Path(record.adapter_dir).is_dir() else None
 
 
 def task_examples(domain: str, variant: str, n: int) -> list[ChatExample]:

@@ -13,10 +13,10 @@ adapters apply.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from em_interp import _bridge
-from em_interp.artifacts import artifact_paths, load_artifact, save_artifact
+from em_interp.artifacts import load_cached, save_artifact
 from em_interp.chat import ChatExample, TokenizedChat
 from em_interp.data import PairedQuestion
 from em_interp.errors import EmInterpError
@@ -165,10 +165,9 @@ def score_questions(
     intervention = model.intervention_key()
     cacheable = use_cache and intervention is not None
     path = _score_cache_path(model, questions, intervention or "") if cacheable else None
-    if path is not None and artifact_paths(path)[1].is_file():
-        cached = _load_scores(path, questions)
-        if cached is not None:
-            return cached
+    cached = _load_scores(path, questions) if path is not None else None
+    if cached is not None:
+        return cached
     scores = _score_questions(model, questions, batch_size, progress)
     if path is not None:
         save_artifact(path, "question_scores", {
@@ -180,17 +179,16 @@ def score_questions(
 
 
 def _load_scores(path: Path, questions: Sequence[PairedQuestion]) -> QuestionScores | None:
-    """A cached :class:`QuestionScores`, or None (unreadable: a warning naming the file; scored again)."""
-    try:
-        saved, fields = load_artifact(path, "question_scores", tensors=("aligned", "misaligned", "n_aligned", "n_misaligned"))
+    """A cached :class:`QuestionScores`, or None (absent; unreadable: a warning naming the file; scored again)."""
+    def build(saved: dict[str, Tensor], fields: dict[str, Any]) -> QuestionScores:
         if fields.get("questions") != [q.id for q in questions]:
             raise EmInterpError("it holds other questions")
         al = np.split(saved["aligned"].numpy(), np.cumsum(saved["n_aligned"].numpy())[:-1])
         mis = np.split(saved["misaligned"].numpy(), np.cumsum(saved["n_misaligned"].numpy())[:-1])
-    except EmInterpError as exc:
-        warnings.warn(f"score cache {path} is unreadable ({exc}); scoring again", stacklevel=3)
-        return None
-    return QuestionScores(tuple(q.id for q in questions), tuple(al), tuple(mis))
+        return QuestionScores(tuple(q.id for q in questions), tuple(al), tuple(mis))
+
+    return load_cached(path, "question_scores", build, "score cache", "scoring again",
+                       tensors=("aligned", "misaligned", "n_aligned", "n_misaligned"))
 
 
 def _score_questions(model: HookedModel, questions: Sequence[PairedQuestion], batch_size: int,

@@ -296,7 +296,7 @@ class MonitorCallback(TrainingCallback):
             raise EmInterpError(f"prompts must be ChatExample objects (e.g. ChatExample(question)), got {sorted(set(wrong))}")
         if monitor is not None and not isinstance(monitor, DriftMonitor):
             raise EmInterpError(f"monitor must be a DriftMonitor or None, got {type(monitor).__name__}")
-        if not (on_alarm in ("warn", "stop") or callable(on_alarm)) and not isinstance(on_alarm, str):
+        if not isinstance(on_alarm, str) and not callable(on_alarm):  # a string is checked just below
             raise EmInterpError(f"on_alarm must be 'warn', 'stop' or a function, got {type(on_alarm).__name__}")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
             raise EmInterpError(f"every={every!r} must be an integer >= 1 (or None: at checkpoints)")

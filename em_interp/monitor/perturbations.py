@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from em_interp.artifacts import artifact_paths, load_artifact, save_artifact
+from em_interp.artifacts import load_cached, save_artifact
 from em_interp.chat import ChatExample
 from em_interp.data import DOMAINS, PairedQuestion, benign_items, domain_dataset, load_chat_jsonl
 from em_interp.errors import EmInterpError
@@ -254,21 +253,15 @@ def save_record(record: RunRecord, key: str) -> Path:
 def load_record(key: str) -> RunRecord | None:
     """The cached record of run ``key``, or None (missing; unreadable: a warning naming the file, and the run
     is measured again)."""
-    path = _record_path(key)
-    if not artifact_paths(path)[1].is_file():
-        return None
-    try:
-        arrays, meta = load_artifact(path, "perturbation_run", tensors=_RECORD_TENSORS, may_be_nan=("train_loss",))
+    def build(arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> RunRecord:
         return RunRecord(meta["type"], meta["intent"], meta["lora"], int(meta["seed"]), tuple(meta["steps"]),
                          arrays["em_shift"].numpy(), arrays["question_shift"].numpy(), arrays["activations"].clone(),
                          arrays["train_loss"].numpy(), arrays["lora_norm"].numpy(), float(meta["seconds_train"]),
                          float(meta["seconds_label"]), float(meta["seconds_snapshot"]))
-    except (EmInterpError, KeyError, TypeError, ValueError) as exc:
-        warnings.warn(f"perturbation run record {path} is unreadable ({exc}); measuring the run again", stacklevel=2)
-        return None
 
-
-_RECORD_TENSORS = ("em_shift", "question_shift", "activations", "train_loss", "lora_norm")
+    return load_cached(_record_path(key), "perturbation_run", build, "perturbation run record", "measuring the run again",
+                       tensors=("em_shift", "question_shift", "activations", "train_loss", "lora_norm"),
+                       may_be_nan=("train_loss",))
 
 
 def lora_update_norm(model: HookedModel) -> float:
@@ -295,12 +288,11 @@ def base_measurement(setup: LibrarySetup) -> tuple[np.ndarray, torch.Tensor]:
                        "prompts": [p.to_dict() for p in setup.prompts], "device": setup.device,
                        "computed_by": computation_key(*_MODULES)})[:24]
     path = library_dir() / "base" / key
-    if artifact_paths(path)[1].is_file():
-        try:
-            saved, _ = load_artifact(path, "base_measurement", tensors=("scores", "activations"))
-            return saved["scores"].clone().numpy(), saved["activations"].clone()
-        except EmInterpError as exc:
-            warnings.warn(f"base measurement {path} is unreadable ({exc}); measuring it again", stacklevel=2)
+    cached = load_cached(path, "base_measurement", lambda saved, _: (saved["scores"].clone().numpy(),
+                                                                     saved["activations"].clone()),
+                         "base measurement", "measuring it again", tensors=("scores", "activations"))
+    if cached is not None:
+        return cached
     model = load_model(setup.model, device=setup.device, progress=False)
     scores, acts, _, _ = measure_checkpoint(model, setup, model.check_layer(setup.layer, "layer"))
     save_artifact(path, "base_measurement", {"scores": torch.from_numpy(scores), "activations": acts},

@@ -272,7 +272,10 @@ def evaluate_library(table: CheckpointTable, calibration_types: Sequence[str], n
         raise EmInterpError(f"no calibration checkpoint has an EM shift above {threshold:+.4f}: the calibration types "
                             "need a misaligned type that reaches it (train longer or add one)")
     heldout = ~calibration
-    kind, kind_scores = select_monitor_kind(table, calibration, dangerous, names, min_leaf, seed)
+    kind: MonitorKind = "forest"
+    kind_scores: dict[str, float] = {}
+    if any(d in MONITOR_DETECTORS for d in detectors):  # the kind only matters to the monitor's own detectors
+        kind, kind_scores = select_monitor_kind(table, calibration, dangerous, names, min_leaf, seed)
     results: dict[str, DetectorResult] = {}
     order = sorted(detectors, key=lambda n: n == "monitor")  # the monitor is its selected kind: computed once
     for name in order:

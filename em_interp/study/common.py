@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from em_interp.activations import ResidualCache, cache_residuals
 from em_interp.chat import ChatExample
@@ -47,3 +48,12 @@ def subset_scores(scores: QuestionScores, questions: Sequence[PairedQuestion]) -
     """Per-question EM scores of ``questions``, taken from scores of a larger set (no rescoring)."""
     index = {qid: i for i, qid in enumerate(scores.ids)}
     return scores.per_question[[index[q.id] for q in questions]]
+
+
+def steering_layer(directions: dict[int, torch.Tensor], preferred: int) -> tuple[int, torch.Tensor]:
+    """The layer the steering and defenses stages act at, and its unit direction: ``preferred`` (the best
+    layer) unless its organism-minus-control direction is (near) zero, then the layer of the longest one."""
+    layer = preferred
+    if float(directions[layer].norm()) < 1e-6:
+        layer = max(directions, key=lambda i: float(directions[i].norm()))
+    return layer, directions[layer] / directions[layer].norm()

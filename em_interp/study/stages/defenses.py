@@ -50,6 +50,7 @@ from em_interp.evaluation.judge_free import answer_logprobs, ratio_ci, summarize
 from em_interp.monitor.drift import label_questions, monitor_prompts
 from em_interp.monitor.sweep import run_sweep, shutdown_local_ray
 from em_interp.report import Section
+from em_interp.study.common import steering_layer
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.contract import NO_RESTORE, Headline, Stage
@@ -79,10 +80,7 @@ class DefensesResult:
 
 def _direction(ctx: StudyContext) -> Direction:
     """The organism-minus-control answer direction at the study's best layer, scaled to its mean residual norm."""
-    dirs, layer = ctx.ablation_directions, ctx.best_layer
-    if float(dirs[layer].norm()) < 1e-6:  # the same fallback as the steering stage
-        layer = max(dirs, key=lambda i: float(dirs[i].norm()))
-    unit = dirs[layer] / dirs[layer].norm()
+    layer, unit = steering_layer(ctx.ablation_directions, ctx.best_layer)  # where the steering stage acts
     return Direction(unit * ctx.resid_norms[layer], layer, model=ctx.model.name,
                      method="organism minus control, answer tokens; norm = mean residual norm")
 

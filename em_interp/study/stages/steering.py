@@ -14,7 +14,7 @@ from em_interp.evaluation.judge_free import benign_loglik, bootstrap_ci, score_q
 from em_interp.interventions import steer
 from em_interp.plotting import line_by_layer
 from em_interp.report import Section
-from em_interp.study.common import subset_scores
+from em_interp.study.common import steering_layer, subset_scores
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.contract import NO_RESTORE, Headline, Stage
@@ -43,11 +43,7 @@ def run_steering(ctx: StudyContext) -> SteeringResult:
     """Steer the base model along the organism-minus-control direction; random direction and benign cost per strength."""
     config = ctx.config
     base, seed, budget = ctx.model, config.seed, config.budget
-    dirs = ctx.ablation_directions
-    layer = ctx.best_layer
-    if float(dirs[layer].norm()) < 1e-6:
-        layer = max(dirs, key=lambda i: float(dirs[i].norm()))
-    unit = dirs[layer] / dirs[layer].norm()
+    layer, unit = steering_layer(ctx.ablation_directions, ctx.best_layer)
     norm = ctx.resid_norms[layer]
     random_unit = random_directions(base.d_model, 1, 1.0, seed=seed + 7)[0]
     questions = ctx.held_questions[1::2][: budget.directions.intervention_questions]
