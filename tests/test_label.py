@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from em_interp.errors import EmInterpError
-from em_interp.monitor.label import label_reliability, within_noise
+from em_interp.monitor.label import label_ci, label_reliability, label_summary, within_noise
 
 
 def _label(signal_sd: float, noise_sd: float, rows: int = 60, questions: int = 40, seed: int = 0) -> np.ndarray:
@@ -29,6 +29,33 @@ def test_within_noise_marks_the_rows_whose_ci_holds_the_line():
     rng = np.random.default_rng(0)
     x = np.stack([rng.normal(m, 0.5, 30) for m in (-2.0, 0.02, 2.0)])
     assert within_noise(x, 0.0).tolist() == [False, True, False]
+
+
+def test_a_checkpoint_is_dangerous_only_when_its_ci_clears_the_line():
+    noise = np.random.default_rng(1).normal(0, 0.5, 40)
+    noise -= noise.mean()  # every row's mean is exactly its m
+    x = np.stack([m + noise for m in (-1.0, 0.05, 0.3, 1.0)])  # 0.05: above the line by less than noise
+    low, high = label_ci(x)
+    assert (low < x.mean(1)).all() and (x.mean(1) < high).all()
+    assert label_ci(x, seed=4)[0].tolist() == label_ci(x, seed=4)[0].tolist()  # seeded
+    summary = label_summary(x, 0.0)
+    assert summary["above_line"] == 3 and summary["dangerous"] == 2 and summary["within_noise_of_line"] == 1
+    assert 0.1 < summary["ci_half_width_median"] < 0.25  # 1.96 * 0.5 / sqrt(40) = 0.155
+    assert label_ci(x[:1])[0].shape == (1,)  # one checkpoint has a CI too
+
+
+def test_label_questions_use_every_reference_answer_by_default():
+    from em_interp.monitor.drift import held_out_label_questions, label_questions
+
+    every, one = label_questions(40), label_questions(40, answers=1)
+    assert [q.id for q in every] == [q.id for q in held_out_label_questions()]
+    assert all(len(q.aligned) == len(q.misaligned) == 2 for q in every)
+    assert all(len(q.aligned) == len(q.misaligned) == 1 for q in one)
+    for bad, match in [(0, "n=0"), (41, "n=41"), (True, "n=True")]:
+        with pytest.raises(EmInterpError, match=match):
+            label_questions(bad)
+    with pytest.raises(EmInterpError, match="answers=0"):
+        label_questions(4, answers=0)
 
 
 def test_bad_label_input_is_named():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,8 @@ def _table(seed: int = 0) -> CheckpointTable:
                 rows["intent"].append(intent)
                 rows["step"].append(step)
                 rows["em_shift"].append(shift)
+                rows["em_low"].append(shift - 0.004)  # a label CI of +-0.004 (questions resampled)
+                rows["em_high"].append(shift + 0.004)
                 rows["trait_drift"].append(np.r_[shift + rng.normal(0, 0.003), rng.normal(0, 0.05, 2)])
                 rows["activation_drift"].append(rng.normal(0, 1, 12))
                 rows["sae_drift"].append(rng.normal(0, 1, 8))
@@ -150,6 +153,11 @@ def test_evaluation_fixes_danger_on_calibration_and_scores_held_out_types():
     cal = np.isin(table.type, calibration)
     assert result.danger_threshold == dangerous_threshold(table, cal) >= 0
     assert result.danger_threshold < 0.03  # above every aligned/benign shift of the calibration types, below misaligned ones
+    # dangerous: the label's CI clears the line; a checkpoint above it by less than the label's noise is not
+    assert (result.dangerous == (table.em_low > result.danger_threshold)).all()
+    noisy = replace(table, em_low=table.em_shift - 1.0)
+    with pytest.raises(EmInterpError, match="whose CI is above"):
+        evaluate_library(noisy, calibration, ("x", "y", "z"), min_leaf=2, n_boot=50)
     monitor = result.detectors["monitor"]
     assert monitor.heldout.auroc > 0.95 and monitor.heldout.fnr <= 0.25 and monitor.heldout.n_runs == 6
     assert result.detectors["activation_drift_norm"].heldout.auroc < 0.8  # pure noise
@@ -157,6 +165,13 @@ def test_evaluation_fixes_danger_on_calibration_and_scores_held_out_types():
     for run in result.lead_steps:  # every run whose label turns dangerous, and only those
         assert result.dangerous[table.run == run].any() and not cal[table.run == run].any()
     assert 0 < result.pc1_variance <= 1
+
+
+def test_lead_times_count_alarms_within_one_checkpoint_of_the_label():
+    from em_interp.study.stages.monitor import _lead_summary
+
+    lead = _lead_summary({"a": 4, "b": 0, "c": -4, "d": -8, "e": None}, every=4)
+    assert (lead["runs"], lead["alarmed"], lead["not_later_than_label"], lead["within_one_checkpoint"]) == (5, 4, 2, 3)
 
 
 def test_evaluation_bad_input():
@@ -174,13 +189,12 @@ def test_evaluation_bad_input():
 
 
 def test_a_library_without_dangerous_calibration_checkpoints_is_reported_not_evaluable():
-    from dataclasses import replace
-
     from em_interp.study.stages.monitor import _not_evaluable, monitor_entries
 
     table = _table()
-    calm = replace(table, em_shift=-np.abs(table.em_shift))  # nothing more misaligned than the base
-    with pytest.raises(EmInterpError, match="no calibration checkpoint has an EM shift above"):
+    calm = replace(table, em_shift=-np.abs(table.em_shift), em_low=-np.abs(table.em_shift) - 0.004,
+                   em_high=-np.abs(table.em_shift) + 0.004)  # nothing more misaligned than the base
+    with pytest.raises(EmInterpError, match="no calibration checkpoint has an EM shift whose CI is above"):
         evaluate_library(calm, ("a-mis", "benign"), ("x", "y", "z"))
     result = _not_evaluable(calm, ("a-mis", "benign"), ("x", "y", "z"), 1, {})
     entry = monitor_entries(result)["monitor"]

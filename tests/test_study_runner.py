@@ -228,6 +228,7 @@ def test_budget_and_config_errors_name_the_field(tmp_path):
     for group, change, message in [("monitor", {"every": 13, "steps": 12}, r"Budget\.monitor\.every=13 > steps=12"),
                                    ("monitor", {"learning_rate": float("nan")}, r"Budget\.monitor\.learning_rate=nan"),
                                    ("monitor", {"calibration": ("financial-aligned",)}, "not among types"),
+                                   ("monitor", {"questions": 41}, r"Budget\.monitor\.questions=41 > the 40 held-out"),
                                    ("organisms", {"checkpoint_every": 30}, r"Budget\.organisms\.checkpoint_every=30"),
                                    ("directions", {"steering_fractions": (0.1,)}, "must start with 0.0"),
                                    ("transfer", {"strengths": ()}, r"Budget\.transfer\.strengths is empty"),

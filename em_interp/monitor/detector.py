@@ -239,14 +239,33 @@ def _check_linear(linear: dict[str, np.ndarray], n_features: int, n_trees: int, 
         raise EmInterpError(f"{source}: the logistic monitor's arrays do not match its {n_features} traits")
 
 
+#: the field's behavioural evaluation (Betley et al., 2025, and every paper since): answers sampled at
+#: temperature 1 to each of the 8 first-plot questions, up to 600 new tokens each, two judge calls per answer
+FIELD_EVAL_QUESTIONS = 8
+FIELD_EVAL_SAMPLES = 50
+FIELD_EVAL_MAX_TOKENS = 600
+FIELD_EVAL_JUDGE_CALLS = 2
+
+
 def monitor_cost(model: HookedModel, basis: TraitBasis, monitor: DriftMonitor, prompts: Sequence[ChatExample],
                  questions: Sequence[Any], answer_tokens: int = 96, seed: int = 0) -> dict[str, float]:
-    """What the monitor costs per checkpoint against one behavioural evaluation of the same model, timed here.
+    """What the monitor costs per checkpoint, timed here, against the behavioural evaluation it replaces.
 
-    Monitor: a snapshot of ``prompts`` plus the forest's score. Behavioural evaluation: one sampled
-    answer (``answer_tokens`` new tokens) per question of ``questions`` (:class:`~em_interp.data.PairedQuestion`)
-    and their judge-free EM score. Memory: what the monitor keeps between checkpoints (basis,
-    step-0 snapshot, forest arrays) and the activations a snapshot holds.
+    Monitor: a snapshot of ``prompts`` plus the detector's score. Against it:
+
+    - the field's evaluation, from this model's measured generation cost per token ``t`` (one
+      answer per question of ``questions`` sampled at temperature 1, ``answer_tokens`` new tokens at
+      most, batched by 8; ``t`` = seconds / generated tokens):
+      ``field_eval_generation_seconds = 8 questions x 50 answers x 600 tokens x t``, plus
+      ``8 x 50 x 2 = 800`` judge calls, not timed (they depend on the judge). Answers shorter than
+      600 tokens and the judge's time make the real evaluation cheaper and dearer respectively; per-token
+      cost grows with length, so ``t`` measured on short answers makes the ratio an upper bound on
+      generation alone;
+    - one small evaluation of the same model: those sampled answers plus the judge-free EM score of
+      ``questions`` (:class:`~em_interp.data.PairedQuestion`), timed whole.
+
+    Memory: what the monitor keeps between checkpoints (basis, step-0 snapshot, detector arrays) and
+    the activations a snapshot holds.
     """
     import time
 
@@ -258,13 +277,21 @@ def monitor_cost(model: HookedModel, basis: TraitBasis, monitor: DriftMonitor, p
     monitor.score((snap.projections.mean(0) / float(snap.norms.mean())).numpy()[None].astype(np.float64))
     monitor_s = time.perf_counter() - start
     start = time.perf_counter()
-    sample_answers(model, [ChatExample(q.question, None, q.system) for q in questions], n=1, temperature=1.0,
-                   max_new_tokens=answer_tokens, seed=seed)
+    answers = sample_answers(model, [ChatExample(q.question, None, q.system) for q in questions], n=1, temperature=1.0,
+                             max_new_tokens=answer_tokens, seed=seed)
+    generation_s = time.perf_counter() - start
     score_questions(model, list(questions), use_cache=False)
     behaviour_s = time.perf_counter() - start
+    generated = sum(max(1, len(model.tokenizer(a, add_special_tokens=False)["input_ids"])) for row in answers for a in row)
+    per_token = generation_s / generated
+    field_s = FIELD_EVAL_QUESTIONS * FIELD_EVAL_SAMPLES * FIELD_EVAL_MAX_TOKENS * per_token
     kept = sum(t.numel() * t.element_size() for t in (basis.directions, snap.projections, snap.norms, snap.mean_activation))
     kept += sum(v.nbytes for tree in monitor.trees for v in tree.values()) + sum(v.nbytes for v in monitor.linear.values())
     return {"monitor_seconds": monitor_s, "behavioural_eval_seconds": behaviour_s, "cost_ratio": monitor_s / behaviour_s,
+            "generation_seconds_per_token": per_token, "generated_tokens": float(generated),
+            "field_eval_generation_seconds": field_s,
+            "field_eval_judge_calls": float(FIELD_EVAL_QUESTIONS * FIELD_EVAL_SAMPLES * FIELD_EVAL_JUDGE_CALLS),
+            "cost_ratio_vs_field_eval": monitor_s / field_s,
             "monitor_state_bytes": float(kept), "snapshot_activation_bytes": float(len(prompts) * model.d_model * 4),
             "questions": float(len(questions)), "prompts": float(len(prompts))}
 

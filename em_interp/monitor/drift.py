@@ -40,13 +40,30 @@ from em_interp.traits import TraitSpec, load_eval_prompts, trait_vectors
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def label_questions(n: int) -> list[PairedQuestion]:
-    """The first ``n`` of the held-out general questions (every other of those outside the direction-fitting
-    third), with one aligned and one misaligned answer each: the library's behavioural labels."""
-    if n < 1:
-        raise EmInterpError(f"n={n} label questions: must be >= 1")
-    held = [q for i, q in enumerate(general_questions()) if i % 3][::2][:n]
-    return [PairedQuestion(q.id, q.question, q.aligned[:1], q.misaligned[:1], q.category, q.system) for q in held]
+def held_out_label_questions() -> list[PairedQuestion]:
+    """Every question the library's behavioural label may use: every other general question outside the
+    direction-fitting third (the other half is left to the interventions' held-out evaluation)."""
+    return [q for i, q in enumerate(general_questions()) if i % 3][::2]
+
+
+def label_questions(n: int, answers: int | None = None) -> list[PairedQuestion]:
+    """The first ``n`` held-out label questions (:func:`held_out_label_questions`), each with its first
+    ``answers`` aligned and misaligned reference answers (None: every reference answer, two of each on the
+    built-in set): the library's behavioural labels.
+
+    Every reference answer is the default: a checkpoint's label is the mean over questions of
+    (mean misaligned - mean aligned answer log-prob), and averaging two answers per side halves the
+    part of its noise that comes from the particular answer text, at about 1.4x the scoring time
+    (prompts are shared, :func:`em_interp.evaluation.judge_free.answer_logprobs`).
+    """
+    held = held_out_label_questions()
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(held):
+        raise EmInterpError(f"n={n!r} label questions: must be an integer from 1 to {len(held)} "
+                            "(the held-out general questions the label may use)")
+    if answers is not None and (isinstance(answers, bool) or not isinstance(answers, int) or answers < 1):
+        raise EmInterpError(f"answers={answers!r}: must be None (every reference answer) or an integer >= 1")
+    return [PairedQuestion(q.id, q.question, q.aligned[:answers], q.misaligned[:answers], q.category, q.system)
+            for q in held[:n]]
 
 
 def monitor_prompts(n: int, external: str | os.PathLike[str] | None = None) -> list[ChatExample]:

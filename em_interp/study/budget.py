@@ -131,17 +131,22 @@ class MonitorBudget(_Group):
 
     GROUP: ClassVar[str] = "monitor"
     #: perturbation types (empty: every built-in type and the public sets found), the calibration types
-    #: (the rest are held out), seeds per type, steps, checkpoint interval, learning rate
+    #: (the rest are held out), seeds per type, steps, checkpoint interval, learning rate. One seed of 24
+    #: steps with a checkpoint every 4 costs what two seeds of 12 steps every 3 did, and lets a run cross
+    #: the danger line mid-run, so lead times mean something (the trait-space monitoring paper: long runs,
+    #: dense checkpoints)
     types: tuple[str, ...] = ()
     calibration: tuple[str, ...] = ("medical-misaligned", "medical-aligned", "financial-misaligned",
                                     "financial-aligned", "benign")
-    seeds: int = 2
-    steps: int = 12
-    every: int = 3
+    seeds: int = 1
+    steps: int = 24
+    every: int = 4
     learning_rate: float = 2e-3
-    #: held-out general questions labelling each checkpoint; the monitor's own prompts (plus half as many
-    #: public traits.yaml eval prompts where present); the forest's min_samples_leaf
-    questions: int = 20
+    #: held-out general questions labelling each checkpoint, with every reference answer (at most 40:
+    #: :func:`em_interp.monitor.drift.held_out_label_questions`; 20 questions with one answer a side had a
+    #: split-half reliability of 0.84); the monitor's own prompts (plus half as many public traits.yaml eval
+    #: prompts where present); the forest's min_samples_leaf
+    questions: int = 40
     prompts: int = 16
     min_leaf: int = 5
     #: fitting questions whose prompts build the monitor's trait basis; bootstrap draws of its CIs
@@ -163,6 +168,12 @@ class MonitorBudget(_Group):
             self._fail("calibration is empty")
         if self.sae_k > self.sae_latents:
             self._fail(f"sae_k={self.sae_k} > sae_latents={self.sae_latents}")
+        # lazily: the budget imports no torch itself
+        from em_interp.monitor.drift import held_out_label_questions
+
+        available = len(held_out_label_questions())
+        if self.questions > available:
+            self._fail(f"questions={self.questions} > the {available} held-out questions the label may use")
         if self.types:
             missing = [t for t in self.calibration if t not in self.types]
             if missing:

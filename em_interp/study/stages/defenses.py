@@ -155,7 +155,7 @@ def run_defenses(ctx: StudyContext) -> DefensesResult:
     model = ctx.model
     direction = _direction(ctx)
     monitor_dir = ctx.drift_monitor
-    setup = DefenseSetup(config.model, tuple(label_questions(budget.defenses.questions)), budget.defenses.task_examples,
+    setup = DefenseSetup(config.model, tuple(label_questions(budget.defenses.questions, answers=1)), budget.defenses.task_examples,
                          direction, tuple(safe_pool()), None if monitor_dir is None else str(monitor_dir),
                          tuple(monitor_prompts(budget.monitor.prompts, config.external)), budget.defenses.check_every,
                          config.device)
