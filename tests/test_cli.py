@@ -67,7 +67,7 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert monitor["layer"] == 15 and len(monitor["runs"]) == 4 and monitor["kind"] in ("forest", "logistic")
     assert monitor["threshold"] >= 0 and 0 < monitor["pc1_variance"] <= 1 and monitor["cost_ratio"] > 0
     assert (out / monitor["monitor_path"]).with_suffix(".json").is_file()
-    assert monitor["sae"]["over_seeds"]["n_seeds"] == 2 and monitor["label"]["questions"] == 8
+    assert monitor["sae"]["over_seeds"]["n_seeds"] == 2 and monitor["label"]["questions"] == 16
     defenses, study = results["defenses"], results["defenses_study"]  # the six defenses on the real model
     assert set(defenses) == {"kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering"}
     assert all(len(d["em_shift"]) == len(d["strengths"]) == len(d["benign_task_loss"]) for d in defenses.values())

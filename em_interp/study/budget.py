@@ -282,9 +282,10 @@ class Budget:
     def quick(cls) -> Budget:
         """The small budget: every section, minutes on a laptop CPU (the test suite's real-model study).
 
-        20 general questions, a 20-step organism, a 4-run monitor library of 6 steps (at 4 steps no calibration
-        checkpoint turns dangerous: the monitor is not evaluable), 4-step defense runs: big enough for every
-        number to be computed on the real model, not for its effect sizes."""
+        20 general questions, a 20-step organism, a 4-run monitor library of 8 steps at a high learning rate,
+        labelled on 16 questions (with 6 steps at 6e-3 no calibration checkpoint's label CI clears the danger
+        line: the monitor is not evaluable), 4-step defense runs: big enough for every number to be computed
+        on the real model, not for its effect sizes."""
         return cls(
             "quick",
             BaseBudget(eval_stride=6, domain_stride=2, cache_examples=4, answer_tokens=48),
@@ -293,8 +294,8 @@ class Budget:
                             trait_questions=2),
             TransferBudget(prompts=40, controls=1, questions=10, strengths=(1.0,)),
             MonitorBudget(types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
-                          calibration=("medical-misaligned", "benign"), seeds=1, steps=6, every=3, learning_rate=6e-3,
-                          questions=8, prompts=8, min_leaf=1, trait_questions=2, bootstrap=200, sae_steps=300,
+                          calibration=("medical-misaligned", "benign"), seeds=1, steps=8, every=4, learning_rate=1.5e-2,
+                          questions=16, prompts=8, min_leaf=1, trait_questions=2, bootstrap=200, sae_steps=300,
                           sae_examples=24, sae_seeds=2),
             DefenseBudget(steps=4, learning_rate=6e-3, batch_size=2, questions=8, task_examples=4, check_every=2,
                           timing_cycles=1,

@@ -331,7 +331,9 @@ def _label_text(label: dict[str, Any]) -> str:
     lo, hi = label["reliability_range"]
     return (f" The label's split-half reliability over its {label['questions']} questions (Spearman-Brown corrected) is "
             f"{label['reliability']:.2f} (random splits {lo:.2f}-{hi:.2f}); {label['within_noise_of_line']} of "
-            f"{label['checkpoints']} checkpoints have a 95% CI (questions resampled) that contains the danger line.")
+            f"{label['checkpoints']} checkpoints have a 95% CI (questions resampled) that contains the danger line"
+            + (f", {label['above_line']} have a mean above it and {label['dangerous']} a CI wholly above it (median CI "
+               f"half width {label['ci_half_width_median']:.4f} nats/token)" if "dangerous" in label else "") + ".")
 
 
 def _short(d: dict[str, Any]) -> dict[str, Any]:
