@@ -3,7 +3,8 @@
 ``tests/reference/quick_study.json`` (in the repository) holds the key numbers of ``em-interp study
 --quick`` on the embedded SmolLM2-135M-Instruct, made by a run whose greedy answers were read and
 whose numbers matched the full study's: the base EM score, the organism/control/base shifts, the
-mean answer log-probs of a few fixed chats, and greedy answers. The tests recompute them and
+mean answer log-probs of a few fixed chats, greedy answers, and the drift monitor's held-out AUROC, FNR
+and FPR against every baseline. The tests recompute them and
 compare within :data:`TOLERANCES`, which are CPU float noise, far below any effect size (the
 smallest shift reported is about 0.2 nats/token). A dependency bump or a code change that moves the
 science fails loudly; one that is meant to move it rewrites the file (``make reference``) and says
@@ -29,8 +30,11 @@ from em_interp.io import atomic_write_json
 from em_interp.model import HookedModel
 from em_interp.provenance import library_versions
 
-#: Absolute tolerances (nats/token for scores and log-probs). Greedy answers must match exactly.
-TOLERANCES: dict[str, float] = {"logprob": 1e-3, "mean": 5e-3, "ci": 1e-2}
+#: Absolute tolerances (nats/token for scores and log-probs; "rate" for the drift monitor's AUROC, FNR and
+#: FPR, which are rank statistics: on the same inputs and versions they repeat exactly, and a change in any
+#: checkpoint's verdict moves them by far more). Greedy answers and the monitor's status must match exactly;
+#: an undefined value (None) must stay undefined.
+TOLERANCES: dict[str, float] = {"logprob": 1e-3, "mean": 5e-3, "ci": 1e-2, "rate": 1e-6}
 
 #: Fixed chats whose mean answer log-prob under the base model is guarded.
 LOGPROB_EXAMPLES: tuple[ChatExample, ...] = (
@@ -64,7 +68,21 @@ def study_numbers(results: dict[str, Any]) -> dict[str, Any]:
         "em_score": {role: score(results["em_score"][role]) for role in ("base", "organism", "control")},
         "em_shift": {k: score(v) for k, v in results["em_shift"].items()},
         "base_answers": [a["answer"] for a in results["base_answers"]],
+        "monitor": monitor_numbers(results["monitor"]),
     }
+
+
+def monitor_numbers(monitor: dict[str, Any]) -> dict[str, Any]:
+    """The drift monitor's guarded numbers from a study's ``results.json`` ``monitor`` entry: its status and,
+    when evaluated, the held-out AUROC, FNR and FPR of the monitor, its kinds and every baseline (None where
+    undefined), and the SAE baseline's mean AUROC over its training seeds."""
+    if monitor["status"] != "evaluated":
+        return {"status": monitor["status"]}
+    rates = {"monitor": monitor, **monitor["variants"], **monitor["baselines"]}
+    seeds = monitor["sae"].get("over_seeds") or {}
+    return {"status": monitor["status"], "kind": monitor["kind"],
+            "detectors": {name: {k: d[k] for k in ("auroc", "fnr", "fpr")} for name, d in rates.items()},
+            "sae_auroc_mean_over_seeds": seeds.get("auroc_mean")}
 
 
 def readable(text: str) -> bool:
@@ -90,10 +108,13 @@ def compare(expected: dict[str, Any], got: dict[str, Any], path: str = "") -> li
         for i, (a, b) in enumerate(zip(expected, got)):
             problems += compare(a, b, f"{path}[{i}]")
         return problems
-    if isinstance(expected, str):
+    if expected is None or isinstance(expected, str):
         return [] if expected == got else [f"{path}: expected {expected!r}, got {got!r}"]
     leaf = path.rsplit("/", 1)[-1]
-    tol = TOLERANCES["logprob"] if "logprob" in path else TOLERANCES["ci" if leaf.startswith("ci_") else "mean"]
+    if "logprob" in path or path.startswith("/monitor"):
+        tol = TOLERANCES["logprob" if "logprob" in path else "rate"]
+    else:
+        tol = TOLERANCES["ci" if leaf.startswith("ci_") else "mean"]
     if not isinstance(got, (int, float)) or not math.isfinite(got) or abs(float(got) - float(expected)) > tol:
         return [f"{path}: expected {expected:+.5f} +- {tol:g}, got {got}"]
     return []

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from em_interp.errors import EmInterpError
-from em_interp.reference import TOLERANCES, base_model_numbers, compare, load_reference, readable
+from em_interp.reference import (
+    TOLERANCES,
+    base_model_numbers,
+    compare,
+    load_reference,
+    monitor_numbers,
+    readable,
+)
 
 REFERENCE = Path(__file__).parent / "reference" / "quick_study.json"
 
@@ -25,6 +32,26 @@ def test_compare_flags_only_what_moves_beyond_tolerance():
     problems = compare(ref, moved)
     assert len(problems) == 4 and any("/a/mean" in p for p in problems) and any("greedy/q" in p for p in problems)
     assert compare(ref, {"a": {}}) and compare(ref, {**ref, "logprobs": []})
+
+
+def test_monitor_rates_must_repeat_and_undefined_stays_undefined():
+    ref = {"monitor": {"status": "evaluated", "detectors": {"monitor": {"auroc": 1.0, "fnr": 0.0, "fpr": None}}}}
+    assert compare(ref, {"monitor": {"status": "evaluated",
+                                     "detectors": {"monitor": {"auroc": 1.0, "fnr": 1e-9, "fpr": None}}}}) == []
+    moved = compare(ref, {"monitor": {"status": "not evaluable: x",
+                                      "detectors": {"monitor": {"auroc": 0.99, "fnr": 0.0, "fpr": 0.5}}}})
+    assert len(moved) == 3 and any("/monitor/status" in p for p in moved) and any("fpr: expected None" in p for p in moved)
+    assert compare({"x": 0.5}, {"x": None})  # a defined number may not become undefined
+
+
+def test_monitor_numbers_keep_every_detector_or_only_the_status():
+    d = {"auroc": 0.9, "fnr": 0.1, "fpr": 0.05, "auroc_ci": [0.8, 1.0]}
+    entry = {"status": "evaluated", "kind": "forest", "auroc": 0.9, "fnr": 0.1, "fpr": 0.05,
+             "variants": {"logistic": d}, "baselines": {"pca": d, "sae": d}, "sae": {"over_seeds": {"auroc_mean": 0.7}}}
+    got = monitor_numbers(entry)
+    assert sorted(got["detectors"]) == ["logistic", "monitor", "pca", "sae"] and got["sae_auroc_mean_over_seeds"] == 0.7
+    assert got["detectors"]["pca"] == {"auroc": 0.9, "fnr": 0.1, "fpr": 0.05}
+    assert monitor_numbers({"status": "not evaluable: why"}) == {"status": "not evaluable: why"}
 
 
 def test_readable():
