@@ -15,7 +15,8 @@ aligned answer log-prob, minus the base model's) under several label designs:
 Per design it prints the Spearman-Brown corrected split-half reliability across checkpoints (with the 2.5-97.5
 percentiles of the splits), the median 95% CI half width of a checkpoint's label, that half width over the
 spread (SD) of the labels, the checkpoints within noise of a danger line set as in the study (95th
-percentile of the aligned and benign runs' checkpoints), and the scoring seconds per checkpoint.
+percentile of the aligned and benign runs' checkpoints), and the scoring seconds per checkpoint of each
+question set (the 20 x 1 set scored on its own, to time the earlier label on the same machine).
 Run: ``.venv/bin/python benchmarks/bench_label.py [--per-run 2] [--real-answers 4]``.
 """
 
@@ -71,7 +72,8 @@ def main() -> None:
     parser.add_argument("--per-run", type=int, default=2, help="checkpoints per run (evenly spaced, the last included)")
     parser.add_argument("--real-answers", type=int, default=4, help="response_data answers a side per question")
     args = parser.parse_args()
-    sets = {"label": label_questions(40)}
+    # the 20 x 1 label is scored on its own only to time it (its values are the "label" set's, sliced)
+    sets = {"label": label_questions(40), "20q x 1 (timing)": label_questions(20, answers=1)}
     if EXTERNAL.is_dir():
         real = load_response_data(EXTERNAL / "response_data", "non_medical")
         sets["real"] = [PairedQuestion(q.id, q.question, q.aligned[:args.real_answers], q.misaligned[:args.real_answers],
