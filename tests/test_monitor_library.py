@@ -22,7 +22,12 @@ from em_interp.monitor.perturbations import (
     select_types,
 )
 from em_interp.monitor.sae import train_topk_sae
-from em_interp.monitor.scoring import CheckpointTable, dangerous_threshold, evaluate_library
+from em_interp.monitor.scoring import (
+    CheckpointTable,
+    dangerous_threshold,
+    evaluate_library,
+    out_of_fold_scores,
+)
 from em_interp.monitor.sweep import check_ray_address, run_sweep, shutdown_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +177,22 @@ def test_lead_times_count_alarms_within_one_checkpoint_of_the_label():
 
     lead = _lead_summary({"a": 4, "b": 0, "c": -4, "d": -8, "e": None}, every=4)
     assert (lead["runs"], lead["alarmed"], lead["not_later_than_label"], lead["within_one_checkpoint"]) == (5, 4, 2, 3)
+
+
+def test_alarm_threshold_is_set_on_out_of_fold_scores():
+    from em_interp.monitor.detection import calibrate_threshold
+
+    table, names = _table(), ("x", "y", "z")
+    result = evaluate_library(table, ("a-mis", "a-al", "benign", "b-mis"), names, min_leaf=2, n_boot=50)
+    calibration, dangerous = result.calibration, result.dangerous
+    oof = out_of_fold_scores("monitor_forest", table, calibration, dangerous, names, min_leaf=2, seed=0)
+    again = out_of_fold_scores("monitor_forest", table, calibration, dangerous, names, min_leaf=2, seed=0)
+    assert oof.shape == (int(calibration.sum()),) and np.isfinite(oof).all() and oof.tolist() == again.tolist()
+    # each type is scored by a forest that never saw it, and the alarm threshold is set on those scores
+    assert result.detectors["monitor_forest"].threshold == calibrate_threshold(oof, dangerous[calibration], 0.05)
+    two_types = np.isin(table.type, ("a-mis", "benign"))  # each fold keeps one type: one class only
+    with pytest.raises(EmInterpError, match="one class only"):
+        out_of_fold_scores("monitor_forest", table, two_types, table.type == "a-mis", names, min_leaf=2, seed=0)
 
 
 def test_evaluation_bad_input():

@@ -145,7 +145,11 @@ class DriftMonitor:
 
     def calibrate(self, drift: np.ndarray | torch.Tensor, dangerous: Sequence[bool] | np.ndarray,
                   max_fnr: float = 0.05) -> float:
-        """Set the alarm threshold on calibration rows: the highest that misses at most ``max_fnr`` of the dangerous ones."""
+        """Set the alarm threshold on calibration rows: the highest that misses at most ``max_fnr`` of the dangerous ones.
+
+        Rows the monitor was fitted on give an optimistic threshold (a forest reproduces them): prefer rows it was
+        not fitted on, or the threshold :func:`em_interp.monitor.scoring.evaluate_library` sets on out-of-fold
+        scores (``evaluation.detectors["monitor"].threshold``)."""
         self.threshold = calibrate_threshold(self.score(drift), dangerous, max_fnr)
         return self.threshold
 

@@ -164,7 +164,8 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     monitor = DriftMonitor(model.name, layer, basis.names, min_samples_leaf=budget.monitor.min_leaf, seed=config.seed,
                            kind=evaluation.monitor_kind)  # type: ignore[arg-type]
     monitor.fit(table.trait_drift[calibration], table.em_shift[calibration], evaluation.dangerous[calibration])
-    monitor.calibrate(table.trait_drift[calibration], evaluation.dangerous[calibration])
+    # the evaluation's threshold: set on out-of-fold scores of the calibration types (scoring.out_of_fold_scores)
+    monitor.threshold = float(evaluation.detectors["monitor"].threshold)
     folder = config.out / "monitor"
     monitor.save(folder / "drift_monitor")
     basis.save(folder / "trait_basis")
