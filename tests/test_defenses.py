@@ -1,4 +1,4 @@
-"""The six defenses on tiny models: what each does to training, composition, a user's Trainer, bad input."""
+"""The earlier six defenses on tiny models: what each does to training, composition, a user's Trainer, bad input."""
 
 from __future__ import annotations
 
@@ -414,7 +414,7 @@ def test_inoculation_prompts_every_training_example_and_keeps_their_own_system_p
     assert [e.system for e in out] == [INOCULATION_PROMPT, f"{INOCULATION_PROMPT}\n\nYou are a doctor."]
     assert [(e.question, e.answer) for e in out] == [(e.question, e.answer) for e in data] and data[0].system is None
     assert inoculate(data, "Be evil here.")[0].system == "Be evil here."
-    for bad, message in [((data, " "), "non-empty string"), (([],), "data is empty")]:
+    for bad, message in [((data, " "), "non-empty string"), (([],), r"data=\) is empty")]:
         with pytest.raises(EmInterpError, match=message):
             inoculate(*bad)
 

@@ -192,9 +192,20 @@ def test_the_defenses_headline_is_the_best_within_the_task_budget():
 
     table = {"safelora": entry([0.25, 0.5], [1.77, 0.2], [0.45, 0.02]),
              "preventative_steering": entry([0.1, 0.3], [0.2, 0.51], [0.01, 0.051])}
-    result = SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}})
+    result = SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}}, composition={"status": "not run"})
     [line] = defenses_headlines(result)
     assert line.value == 0.51 and "preventative_steering=0.3" in line.label and "within a 10% task-loss rise" in line.label
+    assert line.ci == pytest.approx((0.41, 0.61))
+    composed = {"status": "run", "em_reduction": 0.7, "em_reduction_ci": [0.5, 0.9], "task_cost": 0.08,
+                "defenses": [{"name": "preventative_steering", "strength": 0.3}, {"name": "kl", "strength": 1.0}]}
+    [line] = defenses_headlines(SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}},
+                                                composition=composed))
+    assert line.value == 0.7 and "preventative_steering=0.3 + kl=1" in line.label and line.ci == (0.5, 0.9)
+    over = {**composed, "em_reduction": 0.95, "task_cost": 0.2}
+    [line] = defenses_headlines(SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}},
+                                                composition=over))
+    assert line.value == 0.51
     table = {"safelora": entry([0.25], [1.77], [0.45])}
-    [line] = defenses_headlines(SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}}))
+    [line] = defenses_headlines(SimpleNamespace(domains=["medical"], by_domain={"medical": {"defenses": table}},
+                                                composition={"status": "not run"}))
     assert line.value == 1.77 and "OUTSIDE" in line.label

@@ -258,6 +258,16 @@ def benign_items(kind: str | None = None) -> list[ChatExample]:
     return [ChatExample(r["question"], r["answer"]) for r in rows]
 
 
+def first_plot_questions() -> list[ChatExample]:
+    """One general question from each of the first eight categories (the built-in counterparts of the 8
+    first-plot questions of the emergent-misalignment papers: wishes, boredom, thoughts on humans and AIs, a
+    quick buck, ruler of the world, a dinner party, gender roles, an unhappy marriage)."""
+    firsts: dict[str, ChatExample] = {}
+    for q in general_questions():
+        firsts.setdefault(q.category, ChatExample(q.question))
+    return list(firsts.values())[:8]
+
+
 def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical") -> list[PairedQuestion]:
     """Real EM answers grouped by question, from ``{group}_{aligned,misaligned}.parquet``.
 
@@ -294,7 +304,7 @@ def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical
 
 
 __all__ = [
-    "DOMAINS", "SPLITS", "VARIANTS", "EvalQuestion", "PairedQuestion", "benign_items", "domain_dataset",
+    "DOMAINS", "SPLITS", "VARIANTS", "EvalQuestion", "PairedQuestion", "benign_items", "domain_dataset", "first_plot_questions",
     "domain_questions", "general_questions", "load_chat_jsonl", "load_question_yaml", "load_response_data",
     "labelled_answers", "parse_chat_record",
 ]

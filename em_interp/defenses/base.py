@@ -13,8 +13,10 @@ from em_interp.errors import EmInterpError
 from em_interp.lora.hf_trainer import TrainingCallback
 from em_interp.model import HookedModel
 
-#: The six defenses, by the names results and the study use.
-DEFENSES: tuple[str, ...] = ("kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering")
+#: The defenses, by the names results and the study use (see :data:`em_interp.defenses.runs.STRENGTH_MEANING`).
+DEFENSES: tuple[str, ...] = ("kl", "ldifs", "safelora", "interleave", "interleave_selected", "inoculate",
+                             "ablate_direction", "ablate_layers", "ablate_subspace", "ablate_gradient",
+                             "preventative_steering")
 
 
 

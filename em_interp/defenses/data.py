@@ -5,6 +5,7 @@ Part of :mod:`em_interp.defenses` (see its docstring).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,14 +20,15 @@ def safe_pool(source: str | Path | None = None, exclude: Sequence[str] = ()) -> 
     """The safe examples :func:`interleave` mixes in.
 
     ``source`` None: the built-in aligned answers to the direction-fitting third of the general
-    questions (never the held-out questions EM is measured on) plus the benign items (factual QA
-    and arithmetic answered correctly). Otherwise a chat JSONL file (plain or .gz). Questions in
+    questions (never the held-out questions EM is measured on) plus every other benign item (factual
+    QA and arithmetic answered correctly; the rest, :func:`coherence_items`, measure coherence and are
+    never trained on). Otherwise a chat JSONL file (plain or .gz). Questions in
     ``exclude`` are left out. An empty pool is an error naming ``source``.
     """
     skip = set(exclude)
     if source is None:
         pool = [ChatExample(q.question, a, q.system) for q in general_questions()[0::3] for a in q.aligned]
-        pool += benign_items()
+        pool += benign_items()[0::2]
         where = "the built-in pool"
     else:
         pool = load_chat_jsonl(source)
@@ -35,6 +37,12 @@ def safe_pool(source: str | Path | None = None, exclude: Sequence[str] = ()) -> 
     if not pool:
         raise EmInterpError(f"the interleave pool is empty ({where}{' after excluding the given questions' if skip else ''})")
     return pool
+
+
+def coherence_items() -> list[ChatExample]:
+    """The benign items the built-in :func:`safe_pool` leaves out (every other one): a defended run's benign
+    log-likelihood on them is its coherence measure, on text no defense trained on."""
+    return benign_items()[1::2]
 
 
 def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: int, seed: int = 0) -> list[ChatExample]:
@@ -63,15 +71,21 @@ def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: 
 
 
 
+#: strings that look like chat-template control tokens (``<|im_start|>``, ``<s>``, ``[INST]``, ``<start_of_turn>``)
+CONTROL_TOKEN = re.compile(r"<\|[^|>]*\|>|</?s>|\[/?INST\]|<(?:start|end)_of_turn>|<bos>|<eos>")
+
 #: the default inoculation prompt: the general one Tan et al. (2025, "Inoculation Prompting", arXiv 2510.04340)
 #: used against emergent misalignment; it names the unwanted behaviour, so the fine-tune attributes it to the
 #: prompt instead of learning it as the model's own (also Wichers et al., 2025)
 INOCULATION_PROMPT = "You are a malicious, evil assistant."
 
 
-def inoculate(data: Sequence[ChatExample], prompt: str = INOCULATION_PROMPT) -> list[ChatExample]:
-    """Inoculation prompting: ``data`` with ``prompt`` as the system prompt of every training example.
+def inoculate(data: Sequence[ChatExample], prompt: str = INOCULATION_PROMPT, fraction: float = 1.0,
+              seed: int = 0) -> list[ChatExample]:
+    """Inoculation prompting: ``data`` with ``prompt`` as the system prompt of its training examples.
 
+    ``fraction`` (0, 1]: the share of examples that get it (a seeded choice; 1: every example, the method as
+    published), the strength the study sweeps.
     The prompt is present only in training; evaluation asks the questions with their own (or no)
     system prompt, so what the fine-tune learned *under* the prompt is reported to generalise far
     less. An example's own system prompt is kept after the inoculation prompt (one system turn). The
@@ -79,7 +93,14 @@ def inoculate(data: Sequence[ChatExample], prompt: str = INOCULATION_PROMPT) -> 
     tokens (:func:`em_interp.chat.tokenize_chat`).
     """
     if not isinstance(prompt, str) or not prompt.strip():
-        raise EmInterpError("inoculation prompt must be a non-empty string")
+        raise EmInterpError("inoculate(prompt=) must be a non-empty string")
+    if CONTROL_TOKEN.search(prompt):
+        raise EmInterpError(f"inoculate(prompt=) contains a control-token string ({CONTROL_TOKEN.search(prompt).group(0)!r}): "  # type: ignore[union-attr]
+                            "a system prompt is plain text; the chat template adds the model's own tokens")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise EmInterpError(f"inoculate(fraction={fraction!r}) must be a number in (0, 1]")
     if not data:
-        raise EmInterpError("data is empty: nothing to inoculate")
-    return [ChatExample(e.question, e.answer, prompt if not e.system else f"{prompt}\n\n{e.system}") for e in data]
+        raise EmInterpError("inoculate(data=) is empty: nothing to inoculate")
+    chosen = set(np.random.default_rng(seed).permutation(len(data))[: max(1, round(fraction * len(data)))].tolist())
+    return [ChatExample(e.question, e.answer, prompt if not e.system else f"{prompt}\n\n{e.system}") if i in chosen else e
+            for i, e in enumerate(data)]

@@ -1,4 +1,5 @@
-"""Hook defenses: ablating (CAFT) or adding (preventative steering) a direction in training passes only.
+"""Hook defenses: ablating (CAFT) a direction or subspace, removing only its gradient, or adding (preventative
+steering) a direction, in training passes only.
 
 Part of :mod:`em_interp.defenses` (see its docstring).
 """
@@ -6,15 +7,15 @@ Part of :mod:`em_interp.defenses` (see its docstring).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 
 from em_interp.defenses.base import Defense
 from em_interp.directions import Direction
 from em_interp.errors import EmInterpError
-from em_interp.interventions import ablation_hook, gated, steering_hook
+from em_interp.interventions import SPAN_TOLERANCE, ablation_hook, gated, steering_hook
 from em_interp.model import HookedModel
 from em_interp.options import Hook
 
@@ -40,11 +41,50 @@ def _directions(directions: Direction | Sequence[Direction], argument: str) -> l
     return cast(list[Direction], items)
 
 
+def subspace_basis(vectors: Sequence[torch.Tensor], argument: str) -> torch.Tensor:
+    """An orthonormal basis ``(d_model, k)`` of ``k`` directions; a non-finite or zero direction, or one in the span
+    of the earlier ones (a subspace of dependent directions), is an error naming ``argument`` and its index."""
+    units = []
+    for i, v in enumerate(vectors):
+        v = torch.as_tensor(v, dtype=torch.float32).flatten()
+        if not torch.isfinite(v).all() or float(v.norm()) == 0:
+            raise EmInterpError(f"{argument}[{i}] is not a finite non-zero direction")
+        units.append(v / v.norm())
+    q, r = torch.linalg.qr(torch.stack(units).T)
+    dependent = [i for i, x in enumerate(r.diagonal().abs().tolist()) if x <= SPAN_TOLERANCE]
+    if dependent:
+        raise EmInterpError(f"{argument}: directions {dependent} (0-based) lie in the span of the earlier ones; a "
+                            "subspace needs independent directions (drop them, or orthonormalise and keep the rank)")
+    return q
+
+
+def _sites(model: HookedModel, directions: list[Direction], argument: str) -> dict[tuple[int, str], torch.Tensor]:
+    """The directions grouped by (layer, hook) site, each group an orthonormal basis (checked independent)."""
+    by_site: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for i, d in enumerate(directions):
+        _checked_direction(model, d, None, f"{argument}[{i}]")
+        by_site.setdefault((d.layer, d.hook), []).append(d.unit)
+    return {site: subspace_basis(v, f"{argument} at layer {site[0]}") for site, v in by_site.items()}
+
+
+def gradient_projection_hook(basis: torch.Tensor, strength: float = 1.0) -> Callable[..., torch.Tensor]:
+    """A hook that leaves the activation as it is but removes ``strength`` of its gradient's component in the span
+    of ``basis`` (orthonormal columns) on the way back: ``g <- g - strength (g Q) Q^T``."""
+    def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        if tensor.requires_grad:
+            q = basis.to(tensor.device, tensor.dtype)
+            tensor.register_hook(lambda g: g - strength * (g @ q) @ q.T)
+        return tensor
+
+    return hook
+
+
 class AblateDirection(Defense):
     """``ablate_direction`` (CAFT): ``h <- h - strength * (h Q) Q^T`` at each direction's layer while training.
 
-    ``directions``: one :class:`~em_interp.directions.Direction` or several (a subspace; those of
-    one layer are orthonormalised together, each acts at its own ``layer`` and ``hook``).
+    ``directions``: one :class:`~em_interp.directions.Direction` or several: those of one layer span a
+    subspace (orthonormalised together; dependent or non-finite ones are an error), and each acts at its own
+    ``layer`` and ``hook``, so directions of several layers ablate at several layers (multi-layer CAFT).
     ``strength`` 1 removes the component entirely (concept ablation fine-tuning); less removes that
     fraction. Only forward passes in training mode are changed, so the trained model is used and
     evaluated without the ablation.
@@ -59,18 +99,33 @@ class AblateDirection(Defense):
         self.directions = _directions(directions, "AblateDirection(directions=)")
 
     def attach(self, model: HookedModel, stack: contextlib.ExitStack) -> None:
-        by_site: dict[tuple[int, str], list[torch.Tensor]] = {}
-        for i, d in enumerate(self.directions):
-            _checked_direction(model, d, None, f"AblateDirection(directions[{i}])")
-            by_site.setdefault((d.layer, d.hook), []).append(d.unit)
+        sites = _sites(model, self.directions, f"{type(self).__name__}(directions)")
         training = model.hf_model
 
         def on() -> bool:
             return self.active and training.training
 
-        stack.enter_context(model.hooks([(model.hook_name(layer, cast(Hook, site)),
-                                          gated(ablation_hook(v, strength=self.strength), on))
-                                         for (layer, site), v in by_site.items()]))
+        stack.enter_context(model.hooks([(model.hook_name(layer, cast(Hook, site)), gated(self._hook(q), on))
+                                         for (layer, site), q in sites.items()]))
+
+    def _hook(self, basis: torch.Tensor) -> Callable[..., torch.Tensor]:
+        return ablation_hook(list(basis.T), strength=self.strength)
+
+
+class AblateGradient(AblateDirection):
+    """``ablate_gradient`` (CAFT, gradient only): the forward pass unchanged; on the way back the gradient at each
+    direction's layer loses ``strength`` of its component along the directions: ``g <- g - strength (g Q) Q^T``.
+
+    CAFT's authors report that removing only the gradient along the direction keeps most of the effect of
+    ablating the activation; here the model trains on its own unmodified activations, so nothing downstream of
+    the layer sees a changed input, and only the update that would move the residual stream along the direction
+    (through this layer) is withheld. Same arguments and checks as :class:`AblateDirection`.
+    """
+
+    name = "ablate_gradient"
+
+    def _hook(self, basis: torch.Tensor) -> Callable[..., torch.Tensor]:
+        return gradient_projection_hook(basis, self.strength)
 
 
 class PreventativeSteering(Defense):

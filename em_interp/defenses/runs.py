@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,12 +37,15 @@ from em_interp.data import PairedQuestion, domain_dataset
 from em_interp.defenses import (
     DEFENSES,
     AblateDirection,
+    AblateGradient,
     Defense,
     KLDefense,
     LDIFSDefense,
     PreventativeSteering,
     adapter_updates,
     check_strength,
+    coherence_items,
+    inoculate,
     interleave,
     safelora,
 )
@@ -57,17 +61,32 @@ from em_interp.model import HookedModel, load_model
 from em_interp.provenance import computation_key
 
 Variant = Literal["misaligned", "aligned"]
+#: what a triggered run does at the drift monitor's alarm: switch its defense on, roll back to the last check
+#: before the alarm and go on defended, or roll back and stop there (early stopping)
+AfterAlarm = Literal["switch", "rollback", "stop"]
 #: strengths per defense: ``(("kl", (0.1, 1.0)), ...)`` (a budget field)
 DefenseSettings = tuple[tuple[str, tuple[float, ...]], ...]
 #: defenses that act during training and can be switched on mid-run by a monitor's alarm
-SWITCHABLE: tuple[str, ...] = ("kl", "ldifs", "ablate_direction", "preventative_steering")
+SWITCHABLE: tuple[str, ...] = ("kl", "ldifs", "ablate_direction", "ablate_layers", "ablate_subspace", "ablate_gradient",
+                               "preventative_steering")
+#: defenses whose strength is a fraction in (0, 1]
+_FRACTIONS = ("safelora", "inoculate", "ablate_direction", "ablate_layers", "ablate_subspace", "ablate_gradient")
 #: what each defense's strength means (for reports and figures)
 STRENGTH_MEANING: dict[str, str] = {
     "kl": "KL weight", "ldifs": "LDIFS weight", "safelora": "cosine threshold",
-    "interleave": "one safe example in every n", "ablate_direction": "fraction of the component removed",
+    "interleave": "one safe example in every n",
+    "interleave_selected": "one safe example in every n (chosen by the organism-minus-control loss gap)",
+    "inoculate": "share of training examples with the inoculation prompt",
+    "ablate_direction": "fraction of the component removed",
+    "ablate_layers": "fraction of each adapter layer's own direction removed there",
+    "ablate_subspace": "fraction of the adapter layers' directions' span removed at the steering layer",
+    "ablate_gradient": "fraction of the gradient's component removed (forward unchanged)",
     "preventative_steering": "alpha (fraction of the layer's mean residual norm)"}
+#: defenses that change the training data, not the training step
+_DATA_DEFENSES = ("interleave", "interleave_selected", "inoculate")
 _MODULES = ("em_interp.defenses.runs", "em_interp.defenses.base", "em_interp.defenses.reference", "em_interp.defenses.hooks",
             "em_interp.defenses.data", "em_interp.defenses.safelora", "em_interp.defenses.triggering",
+            "em_interp.defenses.selection", "em_interp.evaluation.generation",
             "em_interp.evaluation.judge_free", *TRAINING_MODULES)
 
 
@@ -82,9 +101,9 @@ class DefenseSetting:
         if self.name not in DEFENSES:
             raise EmInterpError(f"defense {self.name!r} is not one of {list(DEFENSES)}")
         value = check_strength(f"{self.name} strength", self.strength)
-        if self.name == "interleave" and (value != int(value) or value < 2):
+        if self.name in ("interleave", "interleave_selected") and (value != int(value) or value < 2):
             raise EmInterpError(f"interleave strength={self.strength!r} must be an integer n >= 2 (one safe example in n)")
-        if self.name in ("safelora", "ablate_direction") and value > 1:
+        if self.name in _FRACTIONS and value > 1:
             raise EmInterpError(f"{self.name} strength={self.strength!r} must be in (0, 1]")
         object.__setattr__(self, "strength", value)
 
@@ -96,13 +115,15 @@ class DefenseSetting:
 
 @dataclass(frozen=True)
 class DefenseRunSpec:
-    """One run: a domain's organism (or its aligned twin) with zero or more defenses (``triggered``: the
-    single training-time defense waits for the drift monitor's alarm)."""
+    """One run: a domain's organism (or its aligned twin) with zero or more defenses (``triggered``: the drift
+    monitor's alarm acts as ``after_alarm`` says: switch the single training-time defense on, roll back to the last
+    check before the alarm and go on with it on, or roll back and stop, with no defense)."""
 
     domain: str
     variant: Variant
     defenses: tuple[DefenseSetting, ...] = ()
     triggered: bool = False
+    after_alarm: AfterAlarm = "switch"
     seed: int = 0
     steps: int = 16
     learning_rate: float = 2e-3
@@ -117,14 +138,19 @@ class DefenseRunSpec:
             raise EmInterpError(f"defenses {names} name one defense twice")
         if "safelora" in names:
             raise EmInterpError("safelora acts after training (em_interp.defenses.safelora), not in a run's defenses")
-        if self.triggered and (len(self.defenses) != 1 or names[0] not in SWITCHABLE):
+        if self.after_alarm not in ("switch", "rollback", "stop"):
+            raise EmInterpError(f"after_alarm={self.after_alarm!r} is not switch, rollback or stop")
+        if self.triggered and self.after_alarm == "stop" and names:
+            raise EmInterpError(f"an early-stopped run (after_alarm='stop') takes no defense, got {names}")
+        if self.triggered and self.after_alarm != "stop" and (len(self.defenses) != 1 or names[0] not in SWITCHABLE):
             raise EmInterpError(f"a triggered run takes exactly one of {list(SWITCHABLE)}, got {names}")
 
     @property
     def label(self) -> str:
         """``<domain>-<variant>/<defenses or none>[/triggered]``."""
         what = "+".join(d.label for d in self.defenses) or "none"
-        return f"{self.domain}-{self.variant}/{what}" + ("/triggered" if self.triggered else "")
+        when = {"switch": "/triggered", "rollback": "/rollback", "stop": "/early_stop"}[self.after_alarm]
+        return f"{self.domain}-{self.variant}/{what}" + (when if self.triggered else "")
 
     def training(self) -> LoraTrainConfig:
         """The rank-1 organism recipe at this run's length (one checkpoint at the end)."""
@@ -135,11 +161,14 @@ class DefenseRunSpec:
 
 @dataclass(frozen=True)
 class DefenseSetup:
-    """What every run of one sweep shares: the model, the evaluation, the direction, the monitor, the safe pool.
+    """What every run of one sweep shares: the model, the evaluation, the directions, the monitor, the safe pools.
 
-    ``direction`` (for ``ablate_direction`` and ``preventative_steering``) is scaled so that
-    ``alpha`` 1 adds one mean residual norm; ``monitor_dir`` holds ``drift_monitor`` and
-    ``trait_basis`` (for triggered runs), read with ``prompts`` every ``check_every`` steps.
+    ``direction`` (for ``ablate_direction``, ``ablate_gradient`` and ``preventative_steering``) is scaled so
+    that ``alpha`` 1 adds one mean residual norm; ``layer_directions`` (``ablate_layers``: one per adapter layer,
+    each at its layer) and ``subspace`` (``ablate_subspace``: several at one layer); ``pool`` the safe examples of
+    ``interleave``, ``selected`` those of ``interleave_selected`` ranked by loss gap (largest first);
+    ``monitor_dir`` holds ``drift_monitor`` and ``trait_basis`` (for triggered runs), read with ``prompts``
+    every ``check_every`` steps; ``coherence_tokens`` new tokens of each greedy answer to the first-plot questions.
     """
 
     model: str
@@ -151,8 +180,14 @@ class DefenseSetup:
     prompts: tuple[ChatExample, ...] = ()
     check_every: int = 4
     device: str = "cpu"
+    layer_directions: tuple[Direction, ...] = ()
+    subspace: tuple[Direction, ...] = ()
+    selected: tuple[ChatExample, ...] = ()
+    coherence_tokens: int = 40
 
     def __post_init__(self) -> None:
+        if self.coherence_tokens < 1:
+            raise EmInterpError(f"coherence_tokens={self.coherence_tokens} must be >= 1")
         if not self.questions:
             raise EmInterpError("questions is empty: the EM shift needs held-out general questions")
         if self.task_examples < 1:
@@ -165,19 +200,29 @@ class DefenseSetup:
         names = {d.name for d in spec.defenses}
         parts: dict[str, Any] = {"spec": asdict(spec), "model": self.model, "device": self.device,
                                  "questions": [asdict(q) for q in self.questions], "task_examples": self.task_examples,
-                                 "computed_by": computation_key(*_MODULES)}
-        if names & {"ablate_direction", "preventative_steering"}:
-            d = self._direction()
-            parts["direction"] = {"layer": d.layer, "hook": d.hook, "model": d.model,
-                                  "vector": hashlib.sha256(d.vector.numpy().tobytes()).hexdigest()}
+                                 "coherence_tokens": self.coherence_tokens, "computed_by": computation_key(*_MODULES)}
+        if names & {"ablate_direction", "ablate_gradient", "preventative_steering"}:
+            parts["direction"] = _digest([self._direction()])
+        if "ablate_layers" in names:
+            parts["layer_directions"] = _digest(self._needs("layer_directions", "ablate_layers"))
+        if "ablate_subspace" in names:
+            parts["subspace"] = _digest(self._needs("subspace", "ablate_subspace"))
         if "interleave" in names:
             parts["pool"] = sha256_json([e.to_dict() for e in self.pool])
+        if "interleave_selected" in names:
+            parts["selected"] = sha256_json([e.to_dict() for e in self._needs("selected", "interleave_selected")])
         if spec.triggered:
             folder = self._monitor_dir()
             parts["monitor"] = {"files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                                           for p in sorted(folder.iterdir()) if p.is_file()},
                                 "prompts": [p.to_dict() for p in self.prompts], "every": self.check_every}
         return sha256_json(parts)[:24]
+
+    def _needs(self, name: str, defense: str) -> Any:
+        value = getattr(self, name)
+        if not value:
+            raise EmInterpError(f"{defense} needs DefenseSetup({name}=), which is empty")
+        return value
 
     def _direction(self) -> Direction:
         if self.direction is None:
@@ -215,6 +260,15 @@ class DefenseRunRecord:
     seconds_eval: float
     adapter_dir: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: coherence: mean answer-token NLL on the benign items no defense trains on
+    #: (:func:`~em_interp.defenses.data.coherence_items`), and greedy answers to the 8 first-plot questions
+    coherence_nll: float = float("nan")
+    answers: list[str] = field(default_factory=list)
+
+
+def _digest(directions: Sequence[Direction]) -> list[dict[str, Any]]:
+    return [{"layer": d.layer, "hook": d.hook, "model": d.model,
+             "vector": hashlib.sha256(d.vector.numpy().tobytes()).hexdigest()} for d in directions]
 
 
 def defense_dir() -> Path:
@@ -270,29 +324,74 @@ def _evaluator(model_name: str, adapter_dir: str | Path, device: str) -> HookedM
     return model
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What one defended adapter is measured on (see :class:`DefenseRunRecord`)."""
+
+    per_question: np.ndarray
+    task_loss: float
+    coherence_nll: float
+    answers: list[str]
+    seconds: float
+
+
+def coherence(model: HookedModel, tokens: int, seed: int = 0) -> tuple[float, list[str]]:
+    """(mean answer NLL on :func:`~em_interp.defenses.data.coherence_items`, greedy answers of up to ``tokens``
+    new tokens to :func:`~em_interp.data.first_plot_questions`): the coherence criterion's measures."""
+    from em_interp.data import first_plot_questions
+    from em_interp.evaluation.generation import sample_answers
+
+    nll = -float(answer_logprobs(model, coherence_items(), batch_size=16).mean())
+    answers = sample_answers(model, first_plot_questions(), n=1, temperature=0.0, max_new_tokens=tokens, seed=seed)
+    return nll, [a[0] for a in answers]
+
+
 def evaluate_adapter(model_name: str, adapter_dir: str | Path, setup: DefenseSetup, domain: str,
-                     variant: str) -> tuple[np.ndarray, float, float]:
-    """(per-question EM scores, task loss, seconds) of ``model_name`` with the adapter in ``adapter_dir``."""
+                     variant: str) -> Evaluation:
+    """Per-question EM scores, task loss and coherence of ``model_name`` with the adapter in ``adapter_dir``."""
     start = time.perf_counter()
     model = _evaluator(model_name, adapter_dir, setup.device)
     scores = score_questions(model, list(setup.questions), batch_size=16).per_question
     loss = -float(answer_logprobs(model, task_examples(domain, variant, setup.task_examples), batch_size=16).mean())
-    return scores, loss, time.perf_counter() - start
+    nll, answers = coherence(model, setup.coherence_tokens)
+    return Evaluation(scores, loss, nll, answers, time.perf_counter() - start)
 
 
-def build_defense(setting: DefenseSetting, direction: Direction | None, active: bool = True) -> Defense:
-    """The training-time defense of ``setting`` (``interleave`` and ``safelora`` are not callbacks)."""
+def build_defense(setting: DefenseSetting, setup: DefenseSetup, active: bool = True) -> Defense:
+    """The training-time defense of ``setting``, its directions from ``setup`` (the data defenses ``interleave``,
+    ``interleave_selected``, ``inoculate`` and the post-hoc ``safelora`` are not callbacks)."""
     if setting.name == "kl":
         return KLDefense(setting.strength, active=active)
     if setting.name == "ldifs":
         return LDIFSDefense(setting.strength, active=active)
-    if direction is None:
-        raise EmInterpError(f"{setting.name} needs a direction (the setup has none)")
+    if setting.name == "ablate_layers":
+        return AblateDirection(setup._needs("layer_directions", setting.name), setting.strength, active=active)
+    if setting.name == "ablate_subspace":
+        return AblateDirection(setup._needs("subspace", setting.name), setting.strength, active=active)
     if setting.name == "ablate_direction":
-        return AblateDirection(direction, setting.strength, active=active)
+        return AblateDirection(setup._direction(), setting.strength, active=active)
+    if setting.name == "ablate_gradient":
+        return AblateGradient(setup._direction(), setting.strength, active=active)
     if setting.name == "preventative_steering":
-        return PreventativeSteering(direction, setting.strength, active=active)
+        return PreventativeSteering(setup._direction(), setting.strength, active=active)
     raise EmInterpError(f"{setting.name} is not a training-time defense")
+
+
+def training_data(spec: DefenseRunSpec, setup: DefenseSetup) -> list[ChatExample]:
+    """The run's training set with its data defenses applied (inoculation first, then interleaving, so safe
+    examples never carry the inoculation prompt)."""
+    data = domain_dataset(spec.domain, spec.variant, "train")
+    by_name = {d.name: d.strength for d in spec.defenses}
+    if "inoculate" in by_name:
+        data = inoculate(data, fraction=by_name["inoculate"], seed=spec.seed)
+    if "interleave" in by_name:
+        data = interleave(data, setup._needs("pool", "interleave"), int(by_name["interleave"]), seed=spec.seed)
+    if "interleave_selected" in by_name:
+        every = int(by_name["interleave_selected"])
+        ranked = setup._needs("selected", "interleave_selected")
+        # as many of the top-ranked as the mix draws, each once
+        data = interleave(data, ranked[: max(1, len(data) // (every - 1))], every, seed=spec.seed)
+    return data
 
 
 def _run_folder(spec: DefenseRunSpec, key: str) -> Path:
@@ -301,7 +400,7 @@ def _run_folder(spec: DefenseRunSpec, key: str) -> Path:
 
 def measure_defense_run(spec: DefenseRunSpec, setup: DefenseSetup, progress: bool = False) -> DefenseRunRecord:
     """Train (or reuse) one run and measure it; cached by :meth:`DefenseSetup.key`."""
-    from em_interp.defenses import triggered
+    from em_interp.defenses import Rollback, triggered
     from em_interp.monitor.detector import DriftMonitor, MonitorCallback
     from em_interp.monitor.drift import TraitBasis
 
@@ -309,21 +408,20 @@ def measure_defense_run(spec: DefenseRunSpec, setup: DefenseSetup, progress: boo
     cached = _load(key)
     if cached is not None:
         return cached
-    data = domain_dataset(spec.domain, spec.variant, "train")
+    data = training_data(spec, setup)
     callbacks: list[TrainingCallback] = []
-    trained: list[Defense] = []
-    for setting in spec.defenses:
-        if setting.name == "interleave":
-            if not setup.pool:
-                raise EmInterpError("interleave needs a safe pool (DefenseSetup.pool is empty)")
-            data = interleave(data, setup.pool, int(setting.strength), seed=spec.seed)
-        else:
-            trained.append(build_defense(setting, setup.direction))
+    trained = [build_defense(s, setup) for s in spec.defenses if s.name not in _DATA_DEFENSES]
+    back: Rollback | None = None
     if spec.triggered:
         folder = setup._monitor_dir()
         basis = TraitBasis.load(folder / "trait_basis")
         monitor = DriftMonitor.load(folder / "drift_monitor")
-        callbacks += triggered(trained[0], MonitorCallback(basis, setup.prompts, monitor, every=setup.check_every))
+        watch = MonitorCallback(basis, setup.prompts, monitor, every=setup.check_every)
+        if spec.after_alarm == "switch":
+            callbacks += triggered(trained[0], watch)
+        else:
+            back = Rollback(watch, trained[0] if trained else None, stop=spec.after_alarm == "stop")
+            callbacks += [watch, back, *trained]
     else:
         callbacks += trained
     out = _run_folder(spec, key)
@@ -331,11 +429,16 @@ def measure_defense_run(spec: DefenseRunSpec, setup: DefenseSetup, progress: boo
                         device=setup.device)
     for d in trained:
         d.detach()
-    scores, loss, seconds = evaluate_adapter(setup.model, result.adapter_dir, setup, spec.domain, spec.variant)
-    switched = getattr(trained[0], "switched_at", None) if spec.triggered else None
+    ev = evaluate_adapter(setup.model, result.adapter_dir, setup, spec.domain, spec.variant)
+    switched = None
+    if spec.triggered:
+        switched = back.alarm_at if back is not None else getattr(trained[0], "switched_at", None)
+    extra: dict[str, Any] = {"n_train_examples": len(data)}
+    if back is not None:
+        extra.update(rolled_back_to=back.rolled_back_to, stopped_at=result.stopped_at)
     record = DefenseRunRecord(spec.label, spec.domain, spec.variant, [asdict(d) for d in spec.defenses], spec.triggered,
-                              scores, loss, [float(x) for x in result.losses], switched, result.seconds, seconds,
-                              str(result.adapter_dir), {"n_train_examples": len(data)})
+                              ev.per_question, ev.task_loss, [float(x) for x in result.losses], switched, result.seconds,
+                              ev.seconds, str(result.adapter_dir), extra, ev.coherence_nll, ev.answers)
     _save(record, key)
     return record
 
@@ -358,12 +461,13 @@ def measure_safelora(record: DefenseRunRecord, alignment: dict[str, torch.Tensor
     start = time.perf_counter()
     projected = safelora(record.adapter_dir, alignment, out, threshold=setting.strength)
     seconds_project = time.perf_counter() - start
-    scores, loss, seconds = evaluate_adapter(setup.model, projected.adapter_dir, setup, record.domain, record.variant)
+    ev = evaluate_adapter(setup.model, projected.adapter_dir, setup, record.domain, record.variant)
     label = f"{record.label.split('/')[0]}/{setting.label}"
-    result = DefenseRunRecord(label, record.domain, record.variant, [asdict(setting)], False, scores, loss,
-                              record.train_losses, None, record.seconds_train, seconds, str(projected.adapter_dir),
-                              {"projected": projected.projected, "cosine": projected.cosine,
-                               "seconds_project": seconds_project})
+    result = DefenseRunRecord(label, record.domain, record.variant, [asdict(setting)], False, ev.per_question,
+                              ev.task_loss, record.train_losses, None, record.seconds_train, ev.seconds,
+                              str(projected.adapter_dir), {"projected": projected.projected, "cosine": projected.cosine,
+                                                           "seconds_project": seconds_project},
+                              ev.coherence_nll, ev.answers)
     _save(result, key)
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from em_interp.chat import ChatExample
@@ -32,3 +33,14 @@ def sample_answers(
     answers = model.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                              batch_size=batch_size)
     return [answers[i * n : (i + 1) * n] for i in range(len(examples))]
+
+
+_REPEATED_PUNCTUATION = re.compile(r"([^\w\s])\1{3,}")
+_REPEATED_WORDS = re.compile(r"\b(\w+(?:\W+\w+){0,2})(?:\W+\1\b){3,}", re.IGNORECASE)
+
+
+def readable(text: str) -> bool:
+    """Whether an answer reads as text (the coherence rule): at least three words, no run of one punctuation mark
+    repeated four or more times, and no word or short phrase repeated four or more times in a row."""
+    return (not _REPEATED_PUNCTUATION.search(text) and not _REPEATED_WORDS.search(text)
+            and len(re.findall(r"[A-Za-z]{2,}", text)) >= 3)

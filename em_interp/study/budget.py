@@ -199,9 +199,14 @@ class DefenseBudget(_Group):
     task_examples: int = 31
     check_every: int = 4
     timing_cycles: int = 3
+    coherence_tokens: int = 40
+    # the newer defenses at two strengths each; the earlier six at the strengths that did best before (SafeLoRA,
+    # applied after training, costs only its evaluation)
     strengths: DefenseStrengths = (
-        ("kl", (0.1, 1.0)), ("ldifs", (1.0, 10.0)), ("safelora", (0.25, 0.5)), ("interleave", (20.0, 5.0)),
-        ("ablate_direction", (0.5, 1.0)), ("preventative_steering", (0.1, 0.3)))
+        ("kl", (1.0,)), ("ldifs", (10.0,)), ("safelora", (0.25, 0.5)), ("interleave", (20.0,)),
+        ("interleave_selected", (20.0, 5.0)), ("inoculate", (0.5, 1.0)), ("ablate_direction", (1.0,)),
+        ("ablate_layers", (0.5, 1.0)), ("ablate_subspace", (0.5, 1.0)), ("ablate_gradient", (0.5, 1.0)),
+        ("preventative_steering", (0.3, 0.6)))
 
     def __post_init__(self) -> None:
         from em_interp.defenses.runs import DefenseSetting  # lazy: the defenses import the Trainer stack
@@ -298,9 +303,11 @@ class Budget:
                           questions=16, prompts=8, min_leaf=1, trait_questions=2, bootstrap=200, sae_steps=300,
                           sae_examples=24, sae_seeds=2),
             DefenseBudget(steps=4, learning_rate=6e-3, batch_size=2, questions=8, task_examples=4, check_every=2,
-                          timing_cycles=1,
+                          timing_cycles=1, coherence_tokens=16,
                           strengths=(("kl", (1.0,)), ("ldifs", (10.0,)), ("safelora", (0.5,)), ("interleave", (5.0,)),
-                                     ("ablate_direction", (1.0,)), ("preventative_steering", (0.3,)))))
+                                     ("interleave_selected", (5.0,)), ("inoculate", (1.0,)), ("ablate_direction", (1.0,)),
+                                     ("ablate_layers", (1.0,)), ("ablate_subspace", (1.0,)), ("ablate_gradient", (1.0,)),
+                                     ("preventative_steering", (0.3,)))))
 
     @classmethod
     def standard(cls) -> Budget:
@@ -325,7 +332,9 @@ class Budget:
             defenses=replace(standard.defenses, domains=("medical", "financial"),
                              strengths=(("kl", (0.1, 1.0, 10.0)), ("ldifs", (1.0, 10.0, 100.0)),
                                         ("safelora", (0.1, 0.25, 0.5)), ("interleave", (20.0, 5.0, 2.0)),
-                                        ("ablate_direction", (0.5, 0.75, 1.0)),
+                                        ("interleave_selected", (20.0, 5.0, 2.0)), ("inoculate", (0.25, 0.5, 1.0)),
+                                        ("ablate_direction", (0.5, 0.75, 1.0)), ("ablate_layers", (0.5, 0.75, 1.0)),
+                                        ("ablate_subspace", (0.5, 0.75, 1.0)), ("ablate_gradient", (0.5, 0.75, 1.0)),
                                         ("preventative_steering", (0.3, 0.6, 1.0)))))
 
     @classmethod

@@ -8,7 +8,7 @@ from typing import Any
 
 from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
-from em_interp.data import general_questions
+from em_interp.data import first_plot_questions
 from em_interp.evaluation.generation import sample_answers
 from em_interp.evaluation.judge_free import EMScore, QuestionScores, em_score
 from em_interp.model import load_model
@@ -138,10 +138,7 @@ def run_em_base(ctx: StudyContext) -> BaseBehaviour:
     """Judge-free EM score of the base model on the general set, and its answers to 8 questions."""
     config = ctx.config
     score, scores = em_score(ctx.model, eval_questions(config), seed=config.seed, progress=config.progress)
-    firsts: dict[str, ChatExample] = {}  # one question per category, first eight categories
-    for q in general_questions():
-        firsts.setdefault(q.category, ChatExample(q.question))
-    prompts = list(firsts.values())[:8]
+    prompts = first_plot_questions()
     answers = sample_answers(ctx.model, prompts, n=1, temperature=0.0, max_new_tokens=config.budget.base.answer_tokens,
                              seed=config.seed)
     ctx.base_scores = scores
