@@ -112,6 +112,7 @@ def tiny_budget():
         Budget,
         DefenseBudget,
         DirectionBudget,
+        JudgeBudget,
         MonitorBudget,
         OrganismBudget,
         TransferBudget,
@@ -128,9 +129,12 @@ def tiny_budget():
                       questions=4, prompts=4, min_leaf=1, trait_questions=2, bootstrap=100,
                       sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8, sae_seeds=2),
         DefenseBudget(steps=2, learning_rate=5e-2, batch_size=2, questions=2, task_examples=2, check_every=1,
-                      timing_cycles=1,
+                      timing_cycles=1, coherence_tokens=4, coherence_examples=2,
                       strengths=(("kl", (1.0,)), ("ldifs", (1.0,)), ("safelora", (0.5,)), ("interleave", (2.0,)),
-                                 ("ablate_direction", (1.0,)), ("preventative_steering", (0.3,)))))
+                                 ("interleave_selected", (2.0,)), ("inoculate", (1.0,)), ("ablate_direction", (1.0,)),
+                                 ("ablate_layers", (1.0,)), ("ablate_subspace", (1.0,)), ("ablate_gradient", (1.0,)),
+                                 ("preventative_steering", (0.3,)))),
+        JudgeBudget(samples=1, answer_tokens=4, probe_folds=2, probe_layer_stride=1))
 
 
 @pytest.fixture(scope="session")

@@ -125,23 +125,36 @@ def test_stages_subset_runs_what_it_needs(tiny_study, tiny_study_dir, tmp_path):
 def test_defenses_stage_reports_every_defense_with_the_documented_keys(tiny_study):
     out, results = tiny_study
     defenses = results["defenses"]
-    assert set(defenses) == {"kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering"}
+    from em_interp.defenses import DEFENSES
+
+    assert set(defenses) == set(DEFENSES)
     for d in defenses.values():
-        assert {"strengths", "em_shift", "em_shift_ci", "task_loss", "benign_task_loss", "step_time_ratio"} <= set(d)
+        assert {"strengths", "em_shift", "em_shift_ci", "task_loss", "benign_task_loss", "step_time_ratio",
+                "coherence_cost", "readable", "criteria"} <= set(d)
+        assert all(set(c) == {"em_prevented", "task_learned", "benign_learned", "coherent"} for c in d["criteria"])
+        assert all(0 <= r <= 8 for r in d["readable"])
         n = len(d["strengths"])
         assert len(d["em_shift"]) == len(d["task_loss"]) == len(d["benign_task_loss"]) == len(d["em_shift_ci"]) == n
         assert all(lo <= m <= hi for m, (lo, hi) in zip(d["em_shift"], d["em_shift_ci"]))
         assert all(loss > 0 for loss in d["task_loss"] + d["benign_task_loss"]) and d["step_time_ratio"] > 0
     timed = results["defenses_study"]["timing"]["ratios"]
-    assert set(timed) == {"kl", "ldifs", "ablate_direction", "preventative_steering"}
+    assert set(timed) == {"kl", "ldifs", "ablate_direction", "ablate_layers", "ablate_subspace", "ablate_gradient",
+                          "preventative_steering"}
     assert defenses["interleave"]["step_time_ratio"] == defenses["safelora"]["step_time_ratio"] == 1.0
     triggered = results["triggered"]
     assert triggered["status"] == "run" and triggered["defense"] in timed
-    assert {"em_shift", "em_shift_ci", "task_loss", "always_on", "none", "switched_at"} <= set(triggered)
+    assert {"em_shift", "em_shift_ci", "task_loss", "always_on", "none", "switched_at", "rollback", "early_stop"} <= set(triggered)
+    for variant in ("rollback", "early_stop"):  # a tiny model's monitor may or may not alarm; the keys are there
+        assert {"em_reduction", "task_cost", "alarm_at", "rolled_back_to"} <= set(triggered[variant])
+    composition = results["defense_composition"]
+    assert composition["status"] == "run" or composition["status"].startswith("not run")
+    selection = results["defenses_study"]["selection"]
+    assert selection["candidates"] > 0 and selection["gap_top"] >= selection["gap_median"] >= selection["gap_bottom"]
     # the defended runs are distinct trainings: a defense changes the task loss of the organism
     assert len({d["task_loss"][0] for name, d in defenses.items()}) == len(defenses)
     report = (out / "report.html").read_text()
     assert "Defenses during fine-tuning" in report and "Every defense at its best setting" in report
+    assert "Four criteria per defense setting" in report
 
 
 def test_monitor_stage_reports_the_documented_keys_and_saves_a_loadable_monitor(tiny_study):

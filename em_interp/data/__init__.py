@@ -244,6 +244,12 @@ def general_questions() -> list[PairedQuestion]:
     return _paired("general_eval.jsonl")
 
 
+def held_out_label_questions() -> list[PairedQuestion]:
+    """Every question the drift monitor's behavioural label may use: every other general question outside the
+    direction-fitting third (the other half is left to the interventions' held-out evaluation)."""
+    return [q for i, q in enumerate(general_questions()) if i % 3][::2]
+
+
 def domain_questions(domain: str) -> list[PairedQuestion]:
     """In-domain evaluation questions for ``domain`` (topics held out of the training sets)."""
     _check_domain(domain)
@@ -305,7 +311,7 @@ def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical
 
 __all__ = [
     "DOMAINS", "SPLITS", "VARIANTS", "EvalQuestion", "PairedQuestion", "benign_items", "domain_dataset", "first_plot_questions",
-    "domain_questions", "general_questions", "load_chat_jsonl", "load_question_yaml", "load_response_data",
+    "domain_questions", "general_questions", "held_out_label_questions", "load_chat_jsonl", "load_question_yaml", "load_response_data",
     "labelled_answers", "parse_chat_record",
 ]
 

@@ -11,8 +11,8 @@ them (together) to :func:`em_interp.lora.training.train_lora` or to a user's own
 - :class:`KLDefense` (``kl``): ``loss += weight * KL(p_ref || p_theta)``, mean over answer tokens;
 - :class:`LDIFSDefense` (``ldifs``): ``loss += weight * ||f_theta - f_ref||^2``, features of 5 layers;
 - :class:`AblateDirection` (``ablate_direction``, CAFT): ``h <- h - s (h Q) Q^T`` in every training forward
-  pass; several directions of one layer span a subspace (``ablate_subspace`` in the study), directions of
-  several layers act each at its own layer (``ablate_layers``);
+  pass; several directions of one layer span a subspace (:class:`AblateSubspace`, ``ablate_subspace``),
+  directions of several layers act each at its own layer (:class:`AblateLayers`, ``ablate_layers``);
 - :class:`AblateGradient` (``ablate_gradient``, CAFT gradient-only): the forward pass unchanged, the gradient
   at the layer loses its component along the directions, ``g <- g - s (g Q) Q^T``;
 - :class:`PreventativeSteering` (``preventative_steering``): ``alpha x direction`` is added to the
@@ -44,7 +44,14 @@ variant, preventative steering), :mod:`~em_interp.defenses.data` (interleaving, 
 
 from em_interp.defenses.base import DEFENSES, Defense, check_strength
 from em_interp.defenses.data import INOCULATION_PROMPT, coherence_items, inoculate, interleave, safe_pool
-from em_interp.defenses.hooks import AblateDirection, AblateGradient, PreventativeSteering, subspace_basis
+from em_interp.defenses.hooks import (
+    AblateDirection,
+    AblateGradient,
+    AblateLayers,
+    AblateSubspace,
+    PreventativeSteering,
+    subspace_basis,
+)
 from em_interp.defenses.reference import LDIFS_LAYERS, KLDefense, LDIFSDefense, check_reference, ldifs_layers
 from em_interp.defenses.safelora import SafeLoRAResult, alignment_matrices, safelora
 from em_interp.defenses.selection import SafeSelection, is_refusal, select_safe
@@ -54,6 +61,8 @@ from em_interp.lora.adapters import adapter_updates, model_updates, read_adapter
 __all__ = [
     "AblateDirection",
     "AblateGradient",
+    "AblateLayers",
+    "AblateSubspace",
     "Rollback",
     "SafeSelection",
     "checkpoint_before",

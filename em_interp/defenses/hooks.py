@@ -112,6 +112,20 @@ class AblateDirection(Defense):
         return ablation_hook(list(basis.T), strength=self.strength)
 
 
+class AblateLayers(AblateDirection):
+    """``ablate_layers``: :class:`AblateDirection` given one direction per layer (e.g. each adapter layer's
+    organism-minus-control direction), each ablated at its own layer: multi-layer CAFT under its own name."""
+
+    name = "ablate_layers"
+
+
+class AblateSubspace(AblateDirection):
+    """``ablate_subspace``: :class:`AblateDirection` given several directions at one layer, whose span is ablated
+    there: subspace CAFT under its own name."""
+
+    name = "ablate_subspace"
+
+
 class AblateGradient(AblateDirection):
     """``ablate_gradient`` (CAFT, gradient only): the forward pass unchanged; on the way back the gradient at each
     direction's layer loses ``strength`` of its component along the directions: ``g <- g - strength (g Q) Q^T``.

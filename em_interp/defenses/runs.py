@@ -38,6 +38,8 @@ from em_interp.defenses import (
     DEFENSES,
     AblateDirection,
     AblateGradient,
+    AblateLayers,
+    AblateSubspace,
     Defense,
     KLDefense,
     LDIFSDefense,
@@ -168,7 +170,8 @@ class DefenseSetup:
     each at its layer) and ``subspace`` (``ablate_subspace``: several at one layer); ``pool`` the safe examples of
     ``interleave``, ``selected`` those of ``interleave_selected`` ranked by loss gap (largest first);
     ``monitor_dir`` holds ``drift_monitor`` and ``trait_basis`` (for triggered runs), read with ``prompts``
-    every ``check_every`` steps; ``coherence_tokens`` new tokens of each greedy answer to the first-plot questions.
+    every ``check_every`` steps; ``coherence_tokens`` new tokens of each greedy answer to the first-plot questions,
+    ``coherence_examples`` benign items of the coherence NLL.
     """
 
     model: str
@@ -184,10 +187,12 @@ class DefenseSetup:
     subspace: tuple[Direction, ...] = ()
     selected: tuple[ChatExample, ...] = ()
     coherence_tokens: int = 40
+    coherence_examples: int = 20
 
     def __post_init__(self) -> None:
-        if self.coherence_tokens < 1:
-            raise EmInterpError(f"coherence_tokens={self.coherence_tokens} must be >= 1")
+        if self.coherence_tokens < 1 or self.coherence_examples < 1:
+            raise EmInterpError(f"coherence_tokens={self.coherence_tokens} and coherence_examples="
+                                f"{self.coherence_examples} must be >= 1")
         if not self.questions:
             raise EmInterpError("questions is empty: the EM shift needs held-out general questions")
         if self.task_examples < 1:
@@ -200,7 +205,8 @@ class DefenseSetup:
         names = {d.name for d in spec.defenses}
         parts: dict[str, Any] = {"spec": asdict(spec), "model": self.model, "device": self.device,
                                  "questions": [asdict(q) for q in self.questions], "task_examples": self.task_examples,
-                                 "coherence_tokens": self.coherence_tokens, "computed_by": computation_key(*_MODULES)}
+                                 "coherence_tokens": self.coherence_tokens,
+                                 "coherence_examples": self.coherence_examples, "computed_by": computation_key(*_MODULES)}
         if names & {"ablate_direction", "ablate_gradient", "preventative_steering"}:
             parts["direction"] = _digest([self._direction()])
         if "ablate_layers" in names:
@@ -335,13 +341,14 @@ class Evaluation:
     seconds: float
 
 
-def coherence(model: HookedModel, tokens: int, seed: int = 0) -> tuple[float, list[str]]:
-    """(mean answer NLL on :func:`~em_interp.defenses.data.coherence_items`, greedy answers of up to ``tokens``
-    new tokens to :func:`~em_interp.data.first_plot_questions`): the coherence criterion's measures."""
+def coherence(model: HookedModel, tokens: int, examples: int = 20, seed: int = 0) -> tuple[float, list[str]]:
+    """(mean answer NLL on the first ``examples`` of :func:`~em_interp.defenses.data.coherence_items`, greedy answers
+    of up to ``tokens`` new tokens to :func:`~em_interp.data.first_plot_questions`): the coherence criterion's
+    measures."""
     from em_interp.data import first_plot_questions
     from em_interp.evaluation.generation import sample_answers
 
-    nll = -float(answer_logprobs(model, coherence_items(), batch_size=16).mean())
+    nll = -float(answer_logprobs(model, coherence_items()[:examples], batch_size=16).mean())
     answers = sample_answers(model, first_plot_questions(), n=1, temperature=0.0, max_new_tokens=tokens, seed=seed)
     return nll, [a[0] for a in answers]
 
@@ -353,7 +360,7 @@ def evaluate_adapter(model_name: str, adapter_dir: str | Path, setup: DefenseSet
     model = _evaluator(model_name, adapter_dir, setup.device)
     scores = score_questions(model, list(setup.questions), batch_size=16).per_question
     loss = -float(answer_logprobs(model, task_examples(domain, variant, setup.task_examples), batch_size=16).mean())
-    nll, answers = coherence(model, setup.coherence_tokens)
+    nll, answers = coherence(model, setup.coherence_tokens, setup.coherence_examples)
     return Evaluation(scores, loss, nll, answers, time.perf_counter() - start)
 
 
@@ -365,9 +372,9 @@ def build_defense(setting: DefenseSetting, setup: DefenseSetup, active: bool = T
     if setting.name == "ldifs":
         return LDIFSDefense(setting.strength, active=active)
     if setting.name == "ablate_layers":
-        return AblateDirection(setup._needs("layer_directions", setting.name), setting.strength, active=active)
+        return AblateLayers(setup._needs("layer_directions", setting.name), setting.strength, active=active)
     if setting.name == "ablate_subspace":
-        return AblateDirection(setup._needs("subspace", setting.name), setting.strength, active=active)
+        return AblateSubspace(setup._needs("subspace", setting.name), setting.strength, active=active)
     if setting.name == "ablate_direction":
         return AblateDirection(setup._direction(), setting.strength, active=active)
     if setting.name == "ablate_gradient":

@@ -291,7 +291,9 @@ def judge_answers(judge: Judge, rows: Sequence[JudgeRow], prompt_name: str = "al
     """Score ``rows`` with one judge prompt; each result is cached the moment it arrives.
 
     A reply whose number mass is < 0.25 is recorded as ``"unscored"``. If the judge becomes
-    unavailable, :class:`JudgeUnavailable` propagates: the rows already judged stay cached.
+    unavailable, :class:`JudgeUnavailable` propagates: the rows already judged stay cached. A judge with a
+    ``score_answer(question, answer, prompt_name)`` method (:class:`~em_interp.evaluation.probe_judge.BoundProbeJudge`)
+    is asked for the score directly.
     """
     if template is None:
         if prompt_name not in JUDGE_PROMPTS:
@@ -304,8 +306,13 @@ def judge_answers(judge: Judge, rows: Sequence[JudgeRow], prompt_name: str = "al
         if hit is not None:
             results.append(JudgeResult(row.id, prompt_name, hit[0], hit[1], cached=True))
             continue
-        top = judge.first_token_logprobs(text)
-        score = score_from_top_logprobs(top)
+        scorer = getattr(judge, "score_answer", None)  # a judge that scores answers directly (a probe judge)
+        if scorer is not None:
+            top: Mapping[str, float] = {}
+            score = scorer(row.question, row.answer, prompt_name)
+        else:
+            top = judge.first_token_logprobs(text)
+            score = score_from_top_logprobs(top)
         status = "scored" if score is not None else "unscored"
         if cache is not None:
             cache.put(judge.name, template, text, score, status, top)

@@ -29,7 +29,7 @@ from torch import Tensor
 from em_interp.activations import cache_residuals
 from em_interp.artifacts import artifact_paths, load_artifact, save_artifact, sidecar_field
 from em_interp.chat import ChatExample
-from em_interp.data import PairedQuestion, general_questions
+from em_interp.data import PairedQuestion, general_questions, held_out_label_questions
 from em_interp.errors import EmInterpError
 from em_interp.loading import read_adapter_config, same_model
 from em_interp.lora.adapters import WEIGHTS, load_adapter_weights
@@ -38,12 +38,6 @@ from em_interp.options import Hook
 from em_interp.traits import TraitSpec, load_eval_prompts, trait_vectors
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def held_out_label_questions() -> list[PairedQuestion]:
-    """Every question the library's behavioural label may use: every other general question outside the
-    direction-fitting third (the other half is left to the interventions' held-out evaluation)."""
-    return [q for i, q in enumerate(general_questions()) if i % 3][::2]
 
 
 def label_questions(n: int, answers: int | None = None) -> list[PairedQuestion]:

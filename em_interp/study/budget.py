@@ -8,7 +8,8 @@ picks the first). Each group's sizes are a small frozen dataclass that checks it
 - :class:`DirectionBudget` (``directions``: ablation, steering, traits),
 - :class:`TransferBudget` (``transfer``),
 - :class:`MonitorBudget` (``monitor``: the perturbation library, the monitor, its SAE baseline),
-- :class:`DefenseBudget` (``defenses``).
+- :class:`DefenseBudget` (``defenses``),
+- :class:`JudgeBudget` (``judging``: the probe judge and the EM rates it gives).
 
 Change one size with :func:`dataclasses.replace` on its group, e.g.
 ``budget.with_group(monitor=replace(budget.monitor, steps=24))``.
@@ -143,7 +144,7 @@ class MonitorBudget(_Group):
     every: int = 4
     learning_rate: float = 2e-3
     #: held-out general questions labelling each checkpoint, with every reference answer (at most 40:
-    #: :func:`em_interp.monitor.drift.held_out_label_questions`; 20 questions with one answer a side had a
+    #: :func:`em_interp.data.held_out_label_questions`; 20 questions with one answer a side had a
     #: split-half reliability of 0.84); the monitor's own prompts (plus half as many public traits.yaml eval
     #: prompts where present); the forest's min_samples_leaf
     questions: int = 40
@@ -169,7 +170,7 @@ class MonitorBudget(_Group):
         if self.sae_k > self.sae_latents:
             self._fail(f"sae_k={self.sae_k} > sae_latents={self.sae_latents}")
         # lazily: the budget imports no torch itself
-        from em_interp.monitor.drift import held_out_label_questions
+        from em_interp.data import held_out_label_questions
 
         available = len(held_out_label_questions())
         if self.questions > available:
@@ -199,14 +200,16 @@ class DefenseBudget(_Group):
     task_examples: int = 31
     check_every: int = 4
     timing_cycles: int = 3
-    coherence_tokens: int = 40
-    # the newer defenses at two strengths each; the earlier six at the strengths that did best before (SafeLoRA,
-    # applied after training, costs only its evaluation)
+    coherence_tokens: int = 32
+    coherence_examples: int = 20
+    # the newer defenses at two strengths each; the earlier ones at the one strength that did best within the task
+    # budget before (SafeLoRA, applied after training, costs only its evaluation; LDIFS, the weakest, and the
+    # stronger settings are in the full budget), so the stage stays near its earlier run time
     strengths: DefenseStrengths = (
-        ("kl", (1.0,)), ("ldifs", (10.0,)), ("safelora", (0.25, 0.5)), ("interleave", (20.0,)),
+        ("kl", (1.0,)), ("safelora", (0.25, 0.5)), ("interleave", (20.0,)),
         ("interleave_selected", (20.0, 5.0)), ("inoculate", (0.5, 1.0)), ("ablate_direction", (1.0,)),
         ("ablate_layers", (0.5, 1.0)), ("ablate_subspace", (0.5, 1.0)), ("ablate_gradient", (0.5, 1.0)),
-        ("preventative_steering", (0.3, 0.6)))
+        ("preventative_steering", (0.3,)))
 
     def __post_init__(self) -> None:
         from em_interp.defenses.runs import DefenseSetting  # lazy: the defenses import the Trainer stack
@@ -230,9 +233,27 @@ class DefenseBudget(_Group):
                     self._fail(f"strengths: {exc}")
 
 
+@dataclass(frozen=True)
+class JudgeBudget(_Group):
+    """The judging group: answers sampled per first-plot question and model, their new tokens, the probe judge's
+    cross-validation folds and every how-many-th layer it tries."""
+
+    GROUP: ClassVar[str] = "judging"
+    samples: int = 10
+    answer_tokens: int = 80
+    probe_folds: int = 5
+    probe_layer_stride: int = 3
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        if self.probe_folds < 2:
+            self._fail(f"probe_folds={self.probe_folds} must be >= 2")
+
+
 #: the group budgets by the name of their field in :class:`Budget`
 GROUPS: dict[str, type[_Group]] = {"base": BaseBudget, "organisms": OrganismBudget, "directions": DirectionBudget,
-                                   "transfer": TransferBudget, "monitor": MonitorBudget, "defenses": DefenseBudget}
+                                   "transfer": TransferBudget, "monitor": MonitorBudget, "defenses": DefenseBudget,
+                                   "judging": JudgeBudget}
 
 
 @dataclass(frozen=True)
@@ -246,6 +267,7 @@ class Budget:
     transfer: TransferBudget
     monitor: MonitorBudget = field(default_factory=MonitorBudget)
     defenses: DefenseBudget = field(default_factory=DefenseBudget)
+    judging: JudgeBudget = field(default_factory=JudgeBudget)
 
     def __post_init__(self) -> None:
         if self.name not in ("quick", "standard", "full"):
@@ -303,11 +325,12 @@ class Budget:
                           questions=16, prompts=8, min_leaf=1, trait_questions=2, bootstrap=200, sae_steps=300,
                           sae_examples=24, sae_seeds=2),
             DefenseBudget(steps=4, learning_rate=6e-3, batch_size=2, questions=8, task_examples=4, check_every=2,
-                          timing_cycles=1, coherence_tokens=16,
+                          timing_cycles=1, coherence_tokens=16, coherence_examples=10,
                           strengths=(("kl", (1.0,)), ("ldifs", (10.0,)), ("safelora", (0.5,)), ("interleave", (5.0,)),
                                      ("interleave_selected", (5.0,)), ("inoculate", (1.0,)), ("ablate_direction", (1.0,)),
                                      ("ablate_layers", (1.0,)), ("ablate_subspace", (1.0,)), ("ablate_gradient", (1.0,)),
-                                     ("preventative_steering", (0.3,)))))
+                                     ("preventative_steering", (0.3,)))),
+            judging=JudgeBudget(samples=2, answer_tokens=24, probe_folds=3, probe_layer_stride=6))
 
     @classmethod
     def standard(cls) -> Budget:

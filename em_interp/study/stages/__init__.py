@@ -1,5 +1,5 @@
 """The study's stages, one module per group (``base_model``: the model, cache and base EM score; ``organisms``;
-``directions``, ``steering``; ``transfer``; ``perturbations`` and ``monitor``; ``defenses``); :func:`default_stages` lists them in pipeline order."""
+``directions``, ``steering``; ``transfer``; ``perturbations`` and ``monitor``; ``defenses``; ``judging``); :func:`default_stages` lists them in pipeline order."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def default_stages() -> tuple[Stage[Any], ...]:
         base_model,
         defenses,
         directions,
+        judging,
         monitor,
         organisms,
         perturbations,
@@ -21,4 +22,4 @@ def default_stages() -> tuple[Stage[Any], ...]:
         transfer,
     )
 
-    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *steering.STAGES, *transfer.STAGES, *perturbations.STAGES, *monitor.STAGES, *defenses.STAGES)
+    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *steering.STAGES, *transfer.STAGES, *perturbations.STAGES, *monitor.STAGES, *defenses.STAGES, *judging.STAGES)

@@ -210,7 +210,7 @@ def run_defenses(ctx: StudyContext) -> DefensesResult:
                          direction, tuple(safe_pool()), None if monitor_dir is None else str(monitor_dir),
                          tuple(monitor_prompts(budget.monitor.prompts, config.external)), budget.defenses.check_every,
                          config.device, layer_dirs, _subspace(layer_dirs, direction.layer) if layer_dirs else (),
-                         selected, budget.defenses.coherence_tokens)
+                         selected, budget.defenses.coherence_tokens, budget.defenses.coherence_examples)
     domains = list(budget.defenses.domains or (config.domain,))
     common = dict(seed=config.seed, steps=budget.defenses.steps, learning_rate=budget.defenses.learning_rate,
                   batch_size=budget.defenses.batch_size)
@@ -514,7 +514,7 @@ def defenses_headlines(r: DefensesResult) -> list[Headline]:
 
 
 STAGES: tuple[Stage[Any], ...] = (
-    Stage("defenses", "defenses", needs=("model", "control", "best_layer", "ablation_directions", "resid_norms",
+    Stage("defenses", "defenses", needs=("model", "organism", "control", "best_layer", "ablation_directions", "resid_norms",
                                          "drift_monitor"), provides=(), run=run_defenses, restore=NO_RESTORE,
           section=defenses_section, entries=defenses_entries, headlines=defenses_headlines),
 )
