@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from em_interp.errors import EmInterpError
 from em_interp.loading import DEFAULT_MODEL
@@ -36,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
     study.add_argument("--transfer", action="store_true",
                        help="add cross-model transfer from Gemma-3-270M (needs the 'gemma' extra; trains a donor organism)")
+    study.add_argument("--judge", default=None, metavar="URL",
+                       help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1 for vLLM or llama.cpp, "
+                            "https://api.openai.com/v1) that judges the judging stage's sampled answers; default: the "
+                            "offline probe judge")
+    study.add_argument("--judge-model", default=None, metavar="NAME", help="the judge model's name (with --judge)")
+    study.add_argument("--judge-key-env", default=None, metavar="VAR",
+                       help="the environment variable holding the judge's API key (never stored or printed)")
     figures = sub.add_parser("figures", help="rebuild the report's figures from a study's stage files (no model)")
     figures.add_argument("folder", type=Path, help="a study's output folder (with stages/)")
     figures.add_argument("--to", type=Path, required=True, help="folder for the figures (HTML, SVG/PNG, CSV)")
@@ -122,6 +130,45 @@ def _external_folder(text: str | None) -> Path | None:
     return default.resolve() if default.is_dir() else None
 
 
+def _judge_settings(args: argparse.Namespace) -> Any:
+    """``--judge URL --judge-model NAME [--judge-key-env VAR]`` checked with one request before any work: the
+    key's variable set, the endpoint reachable, its reply a number by the published rule."""
+    from em_interp.study.config import JudgeSettings
+
+    if args.judge is None:
+        if args.judge_model is not None or args.judge_key_env is not None:
+            raise EmInterpError("--judge-model / --judge-key-env need --judge URL")
+        return None
+    if not args.judge_model:
+        raise EmInterpError("--judge needs --judge-model NAME (the model the endpoint serves)")
+    if args.judge_key_env is not None and not os.environ.get(args.judge_key_env):
+        raise EmInterpError(f"--judge-key-env {args.judge_key_env}: that environment variable is not set (it should "
+                            "hold the judge's API key)")
+    settings = JudgeSettings(args.judge, args.judge_model, args.judge_key_env)
+    check_judge(settings)
+    return settings
+
+
+def check_judge(settings: Any) -> None:
+    """One judge call on a fixed answer: an unreachable endpoint or a reply with no number is an error naming
+    ``--judge`` (the study would otherwise train for minutes and fail at its judging stage)."""
+    from em_interp.evaluation.judges import (
+        JUDGE_PROMPTS,
+        JudgeUnavailable,
+        fill_prompt,
+        score_from_top_logprobs,
+    )
+
+    prompt = fill_prompt(JUDGE_PROMPTS["aligned"], "What is the capital of France?", "The capital of France is Paris.")
+    try:
+        top = settings.client(max_retries=1).first_token_logprobs(prompt)
+    except JudgeUnavailable as exc:
+        raise EmInterpError(f"--judge {settings.url}: not reachable as an OpenAI-compatible endpoint ({exc})") from None
+    if score_from_top_logprobs(top) is None:
+        raise EmInterpError(f"--judge {settings.url} (model {settings.model}): its reply carries no 0-100 number in "
+                            "its first token's top log-probs; a judge must answer with a number")
+
+
 def _stage_list(text: str | None) -> list[str] | None:
     """``--stages a,b`` as a list (None: every stage)."""
     if text is None:
@@ -149,10 +196,11 @@ def _run(args: argparse.Namespace) -> int:
             check_ray_address(args.ray)  # before anything runs
         budget = Budget.named("quick" if args.quick else args.budget or "standard")
         external = _external_folder(args.external)
+        judge = _judge_settings(args)  # reachable and answering with numbers, before any training
         check_output_folder(args.out, "--out")
         config = StudyConfig(out=args.out, budget=budget, model=args.model, seed=args.seed,
                              progress=not args.no_progress, transfer=args.transfer, device=args.device,
-                             domain=args.domain, external=external, ray=args.ray)
+                             domain=args.domain, external=external, ray=args.ray, judge=judge)
         results = run_study(config, only=only, force=args.force)
         ran = results["study"]["ran_this_time"]
         print(f"wrote {args.out / 'results.json'} and {args.out / 'report.html'} "

@@ -10,8 +10,11 @@ import time
 import pytest
 
 from em_interp.cli import main
+from em_interp.defenses import DEFENSES
+from em_interp.defenses.runs import SWITCHABLE
 from em_interp.reference import compare, load_reference, readable, study_numbers
 from em_interp.study import Budget
+from tests.conftest import EXTERNAL
 from tests.test_reference_numbers import REFERENCE
 
 pytestmark = pytest.mark.integration
@@ -69,10 +72,17 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert (out / monitor["monitor_path"]).with_suffix(".json").is_file()
     assert monitor["sae"]["over_seeds"]["n_seeds"] == 2 and monitor["label"]["questions"] == 16
     defenses, study = results["defenses"], results["defenses_study"]  # the six defenses on the real model
-    assert set(defenses) == {"kl", "ldifs", "safelora", "interleave", "ablate_direction", "preventative_steering"}
+    assert set(defenses) == set(DEFENSES)
     assert all(len(d["em_shift"]) == len(d["strengths"]) == len(d["benign_task_loss"]) for d in defenses.values())
     assert study["none"]["medical"]["em_shift_ci"][0] > 0  # the undefended organism is misaligned over its control
-    assert set(study["timing"]["ratios"]) == {"kl", "ldifs", "ablate_direction", "preventative_steering"}
+    assert set(study["timing"]["ratios"]) == set(SWITCHABLE)
+    assert all(len(d["criteria"]) == len(d["strengths"]) for d in defenses.values())
+    judging = results["judging"]  # the public judged answers beside the project: the judge-free measures checked
+    if (EXTERNAL / "response_data").is_dir():
+        assert judging["status"] == "run" and len(judging["em_rate"]["models"]) == 5
+        assert all(0 <= m["auroc"] <= 1 for m in judging["measures"].values())
+    else:
+        assert judging["status"] == "not run"
     assert results["triggered"]["status"] == "run" and results["triggered"]["defense"] in study["timing"]["ratios"]
     report = (out / "report.html").read_text()
     assert "Defenses during fine-tuning" in report

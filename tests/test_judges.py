@@ -36,7 +36,7 @@ def test_score_rule():
 class FaultyServer:
     """A chat-completions server on loopback that fails in scripted ways before answering."""
 
-    def __init__(self, script: list[str], slow: float = 0.6):
+    def __init__(self, script: list[str], slow: float = 0.6, port: int = 0):
         self.script = list(script)
         self.requests = 0
         self.ok_by_prompt: dict[str, int] = {}
@@ -71,7 +71,12 @@ class FaultyServer:
                             time.sleep(0.05)
                     return
                 prompt = body["messages"][0]["content"]
-                if action == "malformed":
+                if action == "words":  # a judge that answers in words: no number among its top tokens
+                    server.ok_by_prompt[prompt] = server.ok_by_prompt.get(prompt, 0) + 1
+                    top = [{"token": "Sure", "logprob": math.log(0.9)}, {"token": "I", "logprob": math.log(0.1)}]
+                    payload = json.dumps({"choices": [{"message": {"content": "x"}, "logprobs": {"content": [
+                        {"token": "Sure", "logprob": top[0]["logprob"], "top_logprobs": top}]}}]}).encode()
+                elif action == "malformed":
                     payload = b'{"choices": [{"logprobs": null'
                 elif action == "nan":  # a finite-looking reply whose log-probs are NaN
                     top = [{"token": "50", "logprob": float("nan")}]
@@ -92,7 +97,7 @@ class FaultyServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -60,9 +60,62 @@ def test_judging_stage_on_a_tiny_model_with_the_public_judged_answers(tiny_study
     assert set(j["probe"]["cross_source"]) == {"fitted on non_medical", "fitted on medical"}
     probe = ProbeJudge.load(j["probe"]["path"])
     assert (probe.layer, probe.pooling) == (j["probe"]["layer"], j["probe"]["pooling"])
-    assert set(j["em_rate"]["models"]) == {"base", "organism", "control"}
+    assert {"base", "organism", "control", "organism, direction ablated"} <= set(j["em_rate"]["models"])
+    assert len(j["em_rate"]["models"]) == 5 and j["em_rate"]["judge"].startswith("the probe judge")
     for r in j["em_rate"]["models"].values():
         assert 0 <= r["em_rate"] <= 1 and r["answers"] == 8
     again = json.loads(Path(out / "results.json").read_text())["judging"]
     assert again == j
     assert "Judge-free measures against a real judge" in (out / "report.html").read_text()
+
+
+@pytest.mark.skipif(not (EXTERNAL / "response_data").is_dir(), reason="../shared/external/response_data is absent")
+def test_judging_with_a_judge_server_is_exact_and_a_killed_run_repeats_no_call(tiny_study_dir, tmp_path):
+    """A local judge server (88 for any answer, 12 where the answer says "evil"): every model's EM rate is exactly
+    the share of its answers the server calls misaligned; a run cut off mid-judging (the server refuses after 10
+    calls) and resumed on a fresh server asks no prompt twice."""
+    from em_interp.evaluation.judges import JudgeUnavailable
+    from em_interp.study import run_study
+    from em_interp.study.config import JudgeSettings
+    from tests.test_judges import FaultyServer
+    from tests.test_study_pipeline import tiny_config
+
+    out = tmp_path / "out"
+    with FaultyServer(["ok"] * 10 + ["400"] * 1000) as first:
+        config = tiny_config(out, tiny_study_dir, external=EXTERNAL, judge=JudgeSettings(first.url, "judge-model"))
+        with pytest.raises(JudgeUnavailable):
+            run_study(config, only=["judging"])
+    with FaultyServer([], port=first.httpd.server_address[1]) as second:  # the same judge, back up
+        results = run_study(config, only=["judging"])
+    assert set(first.ok_by_prompt).isdisjoint(second.ok_by_prompt) and max(second.ok_by_prompt.values()) == 1
+    e = results["judging"]["em_rate"]
+    assert e["judge"].startswith("the LLM judge judge-model") and len(e["models"]) == 5
+    for name, r in e["models"].items():
+        answers = json.loads(next((out / "judging" / "answers").glob(
+            name.split(" ")[0].rstrip(",") + "*.json")).read_text()) if name in ("base", "organism", "control") else None
+        if answers is not None:
+            flat = [a for qa in answers for a in qa]
+            assert r["em_rate"] == pytest.approx(np.mean(["evil" in a for a in flat]))  # coherent is 88 everywhere
+        assert r["coherent_rate"] == 1.0 and r["unscored"] == 0
+
+
+def test_cli_judge_errors_name_the_argument_before_any_work(tmp_path, capsys, monkeypatch):
+    from em_interp.cli import main
+    from tests.test_judges import FaultyServer
+
+    out = tmp_path / "never"
+    cases = [(["--judge", "http://127.0.0.1:9/v1", "--judge-model", "m"], "not reachable"),
+             (["--judge", "http://127.0.0.1:9/v1"], "needs --judge-model"),
+             (["--judge-model", "m"], "need --judge URL"),
+             (["--judge", "ftp://x", "--judge-model", "m"], "http:// or https://"),
+             (["--judge", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-key-env", "EM_TEST_NO_SUCH_KEY"],
+              "EM_TEST_NO_SUCH_KEY: that environment variable is not set")]
+    monkeypatch.delenv("EM_TEST_NO_SUCH_KEY", raising=False)
+    for extra, message in cases:
+        assert main(["study", "--out", str(out), "--quick", "--no-progress", *extra]) == 2
+        assert message in capsys.readouterr().err
+    with FaultyServer(["words", "words"]) as words:
+        assert main(["study", "--out", str(out), "--quick", "--no-progress", "--judge", words.url,
+                     "--judge-model", "m"]) == 2
+        assert "carries no 0-100 number" in capsys.readouterr().err
+    assert not out.exists()  # nothing trained, nothing written

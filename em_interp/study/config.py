@@ -19,6 +19,33 @@ from em_interp.study.budget import Budget
 
 
 @dataclass(frozen=True)
+class JudgeSettings:
+    """An LLM judge behind an OpenAI-compatible chat-completions endpoint (``em-interp study --judge URL
+    --judge-model NAME --judge-key-env VAR``). The key is read from the environment variable at request time:
+    never stored in the config, the results or the report."""
+
+    url: str
+    model: str
+    key_env: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise EmInterpError(f"judge url={self.url!r} must be an http:// or https:// URL")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise EmInterpError("judge model must be a non-empty name (--judge-model)")
+
+    def client(self, max_retries: int = 6) -> Any:
+        """The :class:`~em_interp.evaluation.judges.HTTPJudge` of these settings."""
+        from em_interp.evaluation.judges import HTTPJudge
+
+        return HTTPJudge(self.url, self.model, api_key_env=self.key_env, max_retries=max_retries)
+
+    def identity(self) -> dict[str, str]:
+        """What makes two judges the same (the key's variable name is not part of it)."""
+        return {"url": self.url, "model": self.model}
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """One study: output folder, model, budget, seed and the scientific choices.
 
@@ -45,6 +72,8 @@ class StudyConfig:
     external: Path | None = None
     #: where the monitor library's runs go: None (this process), "local", "auto" or a Ray address
     ray: str | None = None
+    #: an LLM judge for the judging stage's EM rates (None: the offline probe judge, and the report says so)
+    judge: JudgeSettings | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -68,7 +97,7 @@ class StudyConfig:
         """What two runs must share to reuse each other's stage files."""
         return {"model": self.model, "budget": self.budget.to_dict(), "seed": self.seed, "domain": self.domain,
                 "probe_c": self.probe_c, "transfer": self.transfer, "donor": self.donor, "device": self.device,
-                "external_sets": self.external_sets()}
+                "external_sets": self.external_sets(), "judge": None if self.judge is None else self.judge.identity()}
 
     def external_sets(self) -> list[str]:
         """The public training sets found under ``external`` (part of the identity: they are library types)."""
