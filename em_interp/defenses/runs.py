@@ -104,7 +104,7 @@ class DefenseSetting:
             raise EmInterpError(f"defense {self.name!r} is not one of {list(DEFENSES)}")
         value = check_strength(f"{self.name} strength", self.strength)
         if self.name in ("interleave", "interleave_selected") and (value != int(value) or value < 2):
-            raise EmInterpError(f"interleave strength={self.strength!r} must be an integer n >= 2 (one safe example in n)")
+            raise EmInterpError(f"{self.name} strength={self.strength!r} must be an integer n >= 2 (one safe example in n)")
         if self.name in _FRACTIONS and value > 1:
             raise EmInterpError(f"{self.name} strength={self.strength!r} must be in (0, 1]")
         object.__setattr__(self, "strength", value)

@@ -188,8 +188,8 @@ DefenseStrengths = tuple[tuple[str, tuple[float, ...]], ...]
 class DefenseBudget(_Group):
     """The defenses group: domains (empty: the study's), run length, learning rate and batch, held-out general
     questions of the EM shift, held-out in-domain examples of the task loss, drift checks of the triggered
-    run every n steps, step-time cycles, and the strengths swept per defense (see
-    :data:`em_interp.defenses.runs.STRENGTH_MEANING`)."""
+    run every n steps, step-time cycles, the coherence measure's greedy answer length and benign items, and the
+    strengths swept per defense (see :data:`em_interp.defenses.runs.STRENGTH_MEANING`)."""
 
     GROUP: ClassVar[str] = "defenses"
     domains: tuple[str, ...] = ()
