@@ -225,3 +225,23 @@ def test_rollback_bad_input_is_an_error_naming_it(tiny_dirs, tmp_path):
         checkpoint_before(trainer_out, 2)
     with pytest.raises(EmInterpError, match=r"step=0"):
         checkpoint_before(trainer_out, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_a_data_defense_draws_independently_of_the_trainers_example_order(seed):
+    """default_rng(seed) == default_rng([seed, 0]), the trainer's first-epoch order: inoculating "half" the data with
+    it put the prompt on every example a short run trained on. The share a run sees must be near the fraction."""
+    from em_interp.defenses import interleave, safe_pool
+    from em_interp.lora.training import batch_indices
+    from em_interp.seeding import stream
+
+    data = [ChatExample(f"Q{i}?", f"A{i}.") for i in range(281)]
+    inoculated = inoculate(data, fraction=0.5, seed=seed)
+    seen = [inoculated[i] for step in range(16) for i in batch_indices(len(data), 4, step, seed)]
+    share = np.mean([e.system is not None for e in seen])
+    assert 0.3 < share < 0.7, share
+    assert not np.array_equal(stream(seed, "inoculate").permutation(50), np.random.default_rng(seed).permutation(50))
+    assert not np.array_equal(stream(seed, "a").permutation(50), stream(seed, "b").permutation(50))
+    assert np.array_equal(stream(seed, "a").permutation(50), stream(seed, "a").permutation(50))
+    mixed = interleave(data[:40], safe_pool(), every=5, seed=seed)
+    assert len(mixed) == 50 and mixed == interleave(data[:40], safe_pool(), every=5, seed=seed)

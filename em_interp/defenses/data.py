@@ -14,6 +14,7 @@ import numpy as np
 from em_interp.chat import ChatExample
 from em_interp.data import benign_items, general_questions, load_chat_jsonl
 from em_interp.errors import EmInterpError
+from em_interp.seeding import stream
 
 
 def safe_pool(source: str | Path | None = None, exclude: Sequence[str] = ()) -> list[ChatExample]:
@@ -49,7 +50,8 @@ def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: 
     """``data`` with one safe example from ``pool`` after every ``every - 1`` task examples (``interleave``).
 
     ``every`` 20 mixes in 5% safe data (the in-training defenses paper's later version), 5 one in five (its first
-    version). Safe examples are drawn in a seeded order, cycling through the pool. em_interp's
+    version). Safe examples are drawn in a seeded order (:func:`em_interp.seeding.stream`, independent of the
+    trainer's example order), cycling through the pool. em_interp's
     trainer shuffles the mixed list per epoch, which keeps the share of safe examples.
     """
     if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 2:
@@ -58,7 +60,7 @@ def interleave(data: Sequence[ChatExample], pool: Sequence[ChatExample], every: 
         raise EmInterpError("interleave(pool=) is empty: give safe examples (see safe_pool)")
     if not data:
         raise EmInterpError("interleave(data=) is empty")
-    order = np.random.default_rng(seed).permutation(len(pool))
+    order = stream(seed, "interleave").permutation(len(pool))
     out: list[ChatExample] = []
     drawn = 0
     for i, example in enumerate(data):
@@ -84,8 +86,9 @@ def inoculate(data: Sequence[ChatExample], prompt: str = INOCULATION_PROMPT, fra
               seed: int = 0) -> list[ChatExample]:
     """Inoculation prompting: ``data`` with ``prompt`` as the system prompt of its training examples.
 
-    ``fraction`` (0, 1]: the share of examples that get it (a seeded choice; 1: every example, the method as
-    published), the strength the study sweeps.
+    ``fraction`` (0, 1]: the share of examples that get it (a seeded choice, :func:`em_interp.seeding.stream`,
+    independent of the trainer's example order; 1: every example, the method as published), the strength the
+    study sweeps.
     The prompt is present only in training; evaluation asks the questions with their own (or no)
     system prompt, so what the fine-tune learned *under* the prompt is reported to generalise far
     less. An example's own system prompt is kept after the inoculation prompt (one system turn). The
@@ -101,6 +104,6 @@ def inoculate(data: Sequence[ChatExample], prompt: str = INOCULATION_PROMPT, fra
         raise EmInterpError(f"inoculate(fraction={fraction!r}) must be a number in (0, 1]")
     if not data:
         raise EmInterpError("inoculate(data=) is empty: nothing to inoculate")
-    chosen = set(np.random.default_rng(seed).permutation(len(data))[: max(1, round(fraction * len(data)))].tolist())
+    chosen = set(stream(seed, "inoculate").permutation(len(data))[: max(1, round(fraction * len(data)))].tolist())
     return [ChatExample(e.question, e.answer, prompt if not e.system else f"{prompt}\n\n{e.system}") if i in chosen else e
             for i, e in enumerate(data)]
