@@ -82,6 +82,8 @@ def test_a_bound_probe_is_a_judge_with_the_em_rule_scales(fitted, tmp_path):
     assert [r.score for r in coherent] == [100.0, 0.0]
     again = judge_answers(judge, rows, "aligned", cache=cache)
     assert all(r.cached for r in again) and [r.score for r in again] == [r.score for r in aligned]
+    other = ProbeJudge(**{**probe.__dict__, "coef": probe.coef * 2})  # refitted: same layer and pooling
+    assert other.name != probe.name and other.name.split("#")[0] == probe.name.split("#")[0]
     with pytest.raises(EmInterpError, match="scores answers, not prompts"):
         judge.first_token_logprobs("prompt")
 

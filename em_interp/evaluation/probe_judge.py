@@ -16,6 +16,7 @@ JSON sidecar, no pickle) and refuses to score with another model than the one it
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +129,11 @@ class ProbeJudge:
 
     @property
     def name(self) -> str:
-        """The judge's name in caches and reports."""
-        return f"probe:{self.model}@L{self.layer}/{self.pooling}"
+        """The judge's name in caches and reports; it carries a digest of the weights, so a judge cache never serves
+        one probe's scores for another fitted at the same layer and pooling."""
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(a, dtype=np.float64).tobytes()
+                                         for a in (self.mean, self.scale, self.coef, [self.intercept]))).hexdigest()[:12]
+        return f"probe:{self.model}@L{self.layer}/{self.pooling}#{digest}"
 
     @property
     def cv_auroc(self) -> float:
