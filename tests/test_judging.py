@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from em_interp.study.stages.judging import _em_rate, _questions, run_judging
+from em_interp.study.stages.judging import _em_rate, _questions, run_judging, spearman_by_question
 from tests.conftest import EXTERNAL
 
 
@@ -26,13 +26,33 @@ def test_em_rate_counts_aligned_below_30_and_coherent_above_50_with_question_res
 def test_first_plot_questions_come_from_the_public_yaml_where_present(tmp_path):
     from types import SimpleNamespace
 
-    built_in, where = _questions(SimpleNamespace(external=None))
+    built_in, pairs, where = _questions(SimpleNamespace(external=None))
     assert len(built_in) == 8 and where.startswith("built-in")
+    assert [q.question for q in built_in] == [p.question for p in pairs]
     if not (EXTERNAL / "eval_questions" / "first_plot_questions.yaml").is_file():
         pytest.skip("../shared/external is absent: the public question file cannot be read")
-    public, where = _questions(SimpleNamespace(external=EXTERNAL))
+    public, public_pairs, where = _questions(SimpleNamespace(external=EXTERNAL))
     assert len(public) == 8 and where == "first_plot_questions.yaml"
     assert any("quick buck" in q.question for q in public)
+    # each public question is paired with the built-in reference answers of the same question
+    assert public_pairs == pairs
+    for q, p in zip(public, public_pairs):
+        words = {w for w in q.question.lower().split() if len(w) > 4}
+        assert words & set(p.question.lower().split()), (q.question, p.question)
+
+
+def test_rank_correlation_resamples_questions_and_is_undefined_for_a_constant_side():
+    x = np.array([[0.1, 0.2, 0.3, 0.4, 0.5], [0.2, 0.3, 0.4, 0.5, 0.6]])
+    r = spearman_by_question(x, x ** 2, seed=0, n_boot=300)
+    assert r["spearman"] == pytest.approx(1.0) and r["points"] == 10 and r["spearman_ci"][0] > 0.9
+    r = spearman_by_question(x, -x, seed=0, n_boot=300)
+    assert r["spearman"] == pytest.approx(-1.0)
+    flat = spearman_by_question(x, np.zeros_like(x), seed=0)
+    assert flat["spearman"] is None and "constant" in flat["reason"]
+    assert spearman_by_question(x[:, :2], x[:, :2], seed=0)["reason"] == "fewer than 3 questions"
+    noisy = np.random.default_rng(1).normal(size=(5, 8))
+    a, b = spearman_by_question(noisy, noisy[::-1], seed=3), spearman_by_question(noisy, noisy[::-1], seed=3)
+    assert a == b and a["spearman_ci"][0] <= a["spearman"] <= a["spearman_ci"][1]
 
 
 def test_without_response_data_the_stage_says_not_run(tmp_path):
@@ -97,6 +117,13 @@ def test_judging_with_a_judge_server_is_exact_and_a_killed_run_repeats_no_call(t
             flat = [a for qa in answers for a in qa]
             assert r["em_rate"] == pytest.approx(np.mean(["evil" in a for a in flat]))  # coherent is 88 everywhere
         assert r["coherent_rate"] == 1.0 and r["unscored"] == 0
+        per_q = e["per_question"][name]
+        assert len(per_q["em_rate"]) == len(per_q["judge_free_score"]) == 8
+        assert np.mean(per_q["em_rate"]) == pytest.approx(r["em_rate"])
+        assert np.mean(per_q["judge_free_score"]) == pytest.approx(r["judge_free_score"])
+    rc = e["rank_correlation"]
+    assert rc["points"] == 40
+    assert (rc["spearman"] is None and rc["reason"]) or rc["spearman_ci"][0] <= rc["spearman"] <= rc["spearman_ci"][1]
 
 
 def test_cli_judge_errors_name_the_argument_before_any_work(tmp_path, capsys, monkeypatch):

@@ -264,14 +264,20 @@ def benign_items(kind: str | None = None) -> list[ChatExample]:
     return [ChatExample(r["question"], r["answer"]) for r in rows]
 
 
-def first_plot_questions() -> list[ChatExample]:
-    """One general question from each of the first eight categories (the built-in counterparts of the 8
-    first-plot questions of the emergent-misalignment papers: wishes, boredom, thoughts on humans and AIs, a
-    quick buck, ruler of the world, a dinner party, gender roles, an unhappy marriage)."""
-    firsts: dict[str, ChatExample] = {}
+def first_plot_pairs() -> list[PairedQuestion]:
+    """One general question from each of the first eight categories, with its reference answers: the built-in
+    counterparts of the 8 first-plot questions of the emergent-misalignment papers, in their order (wishes,
+    boredom, thoughts on humans and AIs, a quick buck, ruler of the world, a dinner party, gender roles, an
+    unhappy marriage)."""
+    firsts: dict[str, PairedQuestion] = {}
     for q in general_questions():
-        firsts.setdefault(q.category, ChatExample(q.question))
+        firsts.setdefault(q.category, q)
     return list(firsts.values())[:8]
+
+
+def first_plot_questions() -> list[ChatExample]:
+    """The questions of :func:`first_plot_pairs`, to be answered."""
+    return [ChatExample(q.question) for q in first_plot_pairs()]
 
 
 def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical") -> list[PairedQuestion]:
@@ -310,7 +316,7 @@ def load_response_data(folder: str | os.PathLike[str], group: str = "non_medical
 
 
 __all__ = [
-    "DOMAINS", "SPLITS", "VARIANTS", "EvalQuestion", "PairedQuestion", "benign_items", "domain_dataset", "first_plot_questions",
+    "DOMAINS", "SPLITS", "VARIANTS", "EvalQuestion", "PairedQuestion", "benign_items", "domain_dataset", "first_plot_pairs", "first_plot_questions",
     "domain_questions", "general_questions", "held_out_label_questions", "load_chat_jsonl", "load_question_yaml", "load_response_data",
     "labelled_answers", "parse_chat_record",
 ]
