@@ -146,3 +146,24 @@ def test_cli_judge_errors_name_the_argument_before_any_work(tmp_path, capsys, mo
                      "--judge-model", "m"]) == 2
         assert "carries no 0-100 number" in capsys.readouterr().err
     assert not out.exists()  # nothing trained, nothing written
+
+
+def test_the_budget_caps_the_public_answers_read_per_question_and_label():
+    from types import SimpleNamespace
+
+    from em_interp.errors import EmInterpError
+    from em_interp.study.budget import Budget, JudgeBudget
+    from em_interp.study.stages.judging import _labelled
+
+    with pytest.raises(EmInterpError, match="answers_per_label=0 must be >= 1"):
+        JudgeBudget(answers_per_label=0)
+    if not (EXTERNAL / "response_data").is_dir():
+        pytest.skip("../shared/external/response_data is absent")
+    everything = _labelled(SimpleNamespace(external=EXTERNAL, budget=Budget.standard()))
+    capped = _labelled(SimpleNamespace(external=EXTERNAL, budget=Budget.quick()))
+    assert everything is not None and capped is not None
+    assert len(capped[0]) < len(everything[0])
+    for label in (0, 1):
+        _, counts = np.unique(capped[2][capped[1] == label], return_counts=True)
+        assert counts.max() <= Budget.quick().judging.answers_per_label  # type: ignore[operator]
+    assert set(capped[2]) == set(everything[2])  # every question is still read

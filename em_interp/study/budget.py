@@ -236,13 +236,16 @@ class DefenseBudget(_Group):
 @dataclass(frozen=True)
 class JudgeBudget(_Group):
     """The judging group: answers sampled per first-plot question and model, their new tokens, the probe judge's
-    cross-validation folds and every how-many-th layer it tries."""
+    cross-validation folds, every how-many-th layer it tries, and at most how many aligned and how many
+    misaligned public judged answers per question it reads (None: all; each is read by three models, the
+    stage's main cost)."""
 
     GROUP: ClassVar[str] = "judging"
     samples: int = 10
     answer_tokens: int = 80
     probe_folds: int = 5
     probe_layer_stride: int = 3
+    answers_per_label: int | None = None
 
     def __post_init__(self) -> None:
         self._check_sizes()
@@ -330,7 +333,7 @@ class Budget:
                                      ("interleave_selected", (5.0,)), ("inoculate", (1.0,)), ("ablate_direction", (1.0,)),
                                      ("ablate_layers", (1.0,)), ("ablate_subspace", (1.0,)), ("ablate_gradient", (1.0,)),
                                      ("preventative_steering", (0.3,)))),
-            judging=JudgeBudget(samples=2, answer_tokens=24, probe_folds=3, probe_layer_stride=6))
+            judging=JudgeBudget(samples=2, answer_tokens=24, probe_folds=3, probe_layer_stride=6, answers_per_label=4))
 
     @classmethod
     def standard(cls) -> Budget:

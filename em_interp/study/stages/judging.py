@@ -82,7 +82,9 @@ class JudgingResult:
 
 
 def _labelled(config: StudyConfig) -> tuple[list[ChatExample], np.ndarray, np.ndarray, np.ndarray] | None:
-    """Every judged answer of both sources: examples, label (1 = misaligned), question id, source index."""
+    """The judged answers of both sources (the first ``budget.judging.answers_per_label`` of each label per
+    question, in file order; all where None): examples, label (1 = misaligned), question id, source index."""
+    cap = config.budget.judging.answers_per_label
     folder = None if config.external is None else config.external / "response_data"
     if folder is None or not all((folder / f"{s}_{v}.parquet").is_file() for s in SOURCES for v in ("aligned", "misaligned")):
         return None
@@ -90,7 +92,7 @@ def _labelled(config: StudyConfig) -> tuple[list[ChatExample], np.ndarray, np.nd
     for k, source in enumerate(SOURCES):
         for q in load_response_data(folder, source):
             for label, answers in ((0, q.aligned), (1, q.misaligned)):
-                for a in answers:
+                for a in answers[:cap]:
                     examples.append(ChatExample(q.question, a))
                     labels.append(label)
                     groups.append(f"{source}/{q.id}")
