@@ -299,3 +299,15 @@ def test_a_second_study_into_a_running_studys_folder_is_refused_naming_the_holde
     with pytest.raises(EmInterpError, match="is a file, not a folder"):
         with study_lock(tmp_path / "file"):
             pass
+
+
+def test_a_setting_new_in_this_version_is_named_even_when_it_is_none():
+    """A folder written before a budget setting existed differs from this version's identity even where the
+    new setting is None: the refusal names it (it once said "unreadable study.json")."""
+    from em_interp.study.records import _differences
+
+    theirs = {"budget": {"judging": {"samples": 10}}}
+    ours = {"budget": {"judging": {"samples": 10, "answers_per_label": None}}}
+    assert _differences(theirs, ours) == "budget.judging.answers_per_label: absent there, None here"
+    assert _differences(ours, theirs) == "budget.judging.answers_per_label: None there, absent here"
+    assert _differences(ours, ours) == ""

@@ -218,6 +218,8 @@ def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any], prefix: str
         a, b = theirs.get(k), ours.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out.append(_differences(a, b, f"{prefix}{k}."))
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} there, {b!r} here")
+        elif a != b or (k in theirs) != (k in ours):  # a setting new in this version differs even when it is None
+            there = f"{a!r} there" if k in theirs else "absent there"
+            here = f"{b!r} here" if k in ours else "absent here"
+            out.append(f"{prefix}{k}: {there}, {here}")
     return "; ".join(x for x in out if x)
