@@ -78,7 +78,8 @@ def test_judging_stage_on_a_tiny_model_with_the_public_judged_answers(tiny_study
     for m in j["measures"].values():
         assert 0 <= m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1] <= 1
     assert set(j["probe"]["cross_source"]) == {"fitted on non_medical", "fitted on medical"}
-    probe = ProbeJudge.load(j["probe"]["path"])
+    assert j["probe"]["path"] == "judging/probe_judge"  # relative to the study folder, which may move
+    probe = ProbeJudge.load(out / j["probe"]["path"])
     assert (probe.layer, probe.pooling) == (j["probe"]["layer"], j["probe"]["pooling"])
     assert {"base", "organism", "control", "organism, direction ablated"} <= set(j["em_rate"]["models"])
     assert len(j["em_rate"]["models"]) == 5 and j["em_rate"]["judge"].startswith("the probe judge")

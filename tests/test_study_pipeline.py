@@ -23,7 +23,7 @@ from tests.conftest import ROOT, tiny_budget
 STAGE_NAMES = [s.name for s in default_stages()]
 #: results.json fields that time things (they differ between any two runs)
 TIMINGS = {("model", "load_seconds"), ("cache", "seconds"), ("cache", "tokens_per_second"), ("monitor", "cost_ratio"),
-           ("monitor", "cost"), ("monitor_library", "seconds")}
+           ("monitor", "cost"), ("monitor_library", "seconds"), ("judging", "seconds")}
 
 
 def stable(results: dict) -> dict:

@@ -10,7 +10,8 @@ sources). Without it, ``results.json`` says ``"judging": {"status": "not run", .
 2. **A probe judge** (:class:`em_interp.evaluation.probe_judge.ProbeJudge`) on the base model's own answer
    activations, layer and pooling chosen by held-out-question AUROC; its agreement with the judge's labels on
    questions it never saw (cross-validation) and on the other source (fitted on one source, scored on the
-   other), then fitted on both and saved (``OUT/judging/probe_judge``).
+   other), then fitted on both and saved (``OUT/judging/probe_judge``; ``results.json`` gives the path relative
+   to ``OUT``).
 3. **The field's EM rate**: ``samples`` answers (temperature 1, ``answer_tokens`` new tokens) to each of the 8
    first-plot questions (the public YAML's, else the built-in ones) from the base model, the organism, the
    control, the organism with the misalignment direction ablated (as the ablation stage does) and the base model
@@ -196,7 +197,7 @@ def run_judging(ctx: StudyContext) -> JudgingResult:
                                         "pooling": probe.pooling, "cv_auroc": probe.cv_auroc}
     probe = ProbeJudge.fit_features(base.name, probe_features, labels, groups, folds=budget.probe_folds, seed=seed,
                                     source="response_data (" + ", ".join(SOURCES) + ")")
-    saved = probe.save(config.out / "judging" / "probe_judge")
+    saved = probe.save(config.out / "judging" / "probe_judge").relative_to(config.out)  # relative: the folder may move
     em_rate = _em_rates(ctx, probe, layer, unit)
     return JudgingResult("run", {
         "answers": len(examples), "questions": len(np.unique(groups)), "misaligned": int(labels.sum()),
@@ -371,7 +372,7 @@ def judging_section(r: JudgingResult, config: StudyConfig) -> Section:
          f"layer {d['direction_layer']} of the base model.",
          f"Probe judge (a logistic probe on the base model's own answer activations, layer {p['layer']}, "
          f"{p['pooling']}, chosen by held-out-question AUROC): cross-validated AUROC {p['cv_auroc']:.3f} on questions "
-         "it did not see; the rows above give it on the other source. Saved as " + p["path"] + ".",
+         "it did not see; the rows above give it on the other source. Saved as " + p["path"] + " in the study folder.",
          f"EM rate, the field's measure ({e['samples']} answers of up to {e['answer_tokens']} tokens at temperature 1 to "
          f"each question of {e['questions']}), judged by {e['judge']}: {rates}.", *texts],
         table=rows, figures=figures)
