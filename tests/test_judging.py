@@ -50,6 +50,11 @@ def test_rank_correlation_resamples_questions_and_is_undefined_for_a_constant_si
     flat = spearman_by_question(x, np.zeros_like(x), seed=0)
     assert flat["spearman"] is None and "constant" in flat["reason"]
     assert spearman_by_question(x[:, :2], x[:, :2], seed=0)["reason"] == "fewer than 3 questions"
+    # one question carries all the variation of y: most resamples are constant; those left out and counted
+    y = np.zeros((2, 5))
+    y[:, 4] = 1.0
+    sparse = spearman_by_question(x, y, seed=0, n_boot=200)
+    assert sparse["spearman"] > 0 and 0 < sparse["constant_draws"] < 200
     noisy = np.random.default_rng(1).normal(size=(5, 8))
     a, b = spearman_by_question(noisy, noisy[::-1], seed=3), spearman_by_question(noisy, noisy[::-1], seed=3)
     assert a == b and a["spearman_ci"][0] <= a["spearman"] <= a["spearman_ci"][1]

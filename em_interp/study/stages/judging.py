@@ -164,8 +164,8 @@ def spearman_by_question(x: np.ndarray, y: np.ndarray, seed: int, n_boot: int = 
     rng = np.random.default_rng(seed)
     draws = [rho(np.asarray(rng.integers(0, q, size=q), dtype=np.int64)) for _ in range(n_boot)]
     kept = np.array([d for d in draws if d is not None and np.isfinite(d)])
-    return {"spearman": point, "spearman_ci": [float(np.quantile(kept, 0.025)), float(np.quantile(kept, 0.975))],
-            "points": int(x.size), "constant_draws": n_boot - len(kept)}
+    ci = [float(np.quantile(kept, 0.025)), float(np.quantile(kept, 0.975))] if len(kept) else None
+    return {"spearman": point, "spearman_ci": ci, "points": int(x.size), "constant_draws": n_boot - len(kept)}
 
 
 def run_judging(ctx: StudyContext) -> JudgingResult:
@@ -361,7 +361,8 @@ def judging_section(r: JudgingResult, config: StudyConfig) -> Section:
             + (f"Spearman {rc['spearman']:.2f} [{rc['spearman_ci'][0]:.2f}, {rc['spearman_ci'][1]:.2f}] "
                "(95% CI resampling questions)" + (" - near zero: the two do not rank questions alike"
                                                    if rc["spearman_ci"][0] <= 0 <= rc["spearman_ci"][1] else "")
-               if rc["spearman"] is not None else f"undefined ({rc['reason']})") + ". Per model (judge-free score, "
+               if rc["spearman_ci"] is not None else f"undefined ({rc['reason']})" if rc["spearman"] is None
+               else f"Spearman {rc['spearman']:.2f} (no CI: every resample of the questions is constant)") + ". Per model (judge-free score, "
             "EM rate): " + "; ".join(f"{m} {x['judge_free_score']:+.3f}, {100 * x['em_rate']:.0f}%"
                                      for m, x in e["models"].items() if x.get("judge_free_score") is not None) + ".")
     return Section(
