@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 
 from em_interp.errors import EmInterpError, ModelLoadError, NetworkDisabledError
-from em_interp.io import atomic_directory, atomic_write_json, sha256_file
+from em_interp.io import atomic_directory, atomic_write_json, sha256_file, sha256_json
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONVERSION_MARKER = "em_interp_conversion.json"
@@ -393,3 +393,29 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str], mode
         raise ModelLoadError(f"cannot load adapter {folder}: {type(exc).__name__}: {exc}") from exc
     peft_model.eval()
     return peft_model
+
+
+def merged_model_dir(spec: str | os.PathLike[str], adapter: str | os.PathLike[str], progress: bool = False) -> Path:
+    """A plain fp32 Hugging Face folder of model ``spec`` with the peft ``adapter`` merged into its weights.
+
+    Written once, atomically, under ``<cache>/merged/<digest>`` (the digest covers the base model's files'
+    location and the adapter's files), so a run can start from a fine-tuned model, e.g. the drift monitor's
+    stress test that fine-tunes the misaligned organism further. Loading the folder with :func:`em_interp.model.load_model`
+    gives a model whose name is the folder, not the base model's.
+    """
+    resolved = resolve_spec(spec, progress=progress)
+    folder = Path(adapter).expanduser()
+    read_adapter_config(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    digest = sha256_json({"base": str(resolved.location), "adapter": {f.name: sha256_file(f) for f in files}})[:24]
+    out = cache_dir() / "merged" / digest
+    if (out / "config.json").is_file():
+        return out
+    model, tokenizer = load_hf(resolved, dtype=torch.float32, device="cpu", progress=progress)
+    merged = attach_adapter(model, folder, (resolved.model_id, resolved.location, *resolved.aliases)).merge_and_unload()
+    with atomic_directory(out, overwrite=True) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "merged_from.json", {"base": resolved.model_id, "adapter": str(folder.resolve())})
+    return out
+

@@ -127,7 +127,7 @@ def tiny_budget():
         MonitorBudget(types=("medical-misaligned", "benign", "financial-misaligned", "medical-aligned"),
                       calibration=("medical-misaligned", "benign"), seeds=1, steps=2, every=1, learning_rate=5e-2,
                       questions=4, prompts=4, min_leaf=1, trait_questions=2, bootstrap=100,
-                      sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8, sae_seeds=2),
+                      sae_latents=32, sae_k=4, sae_steps=20, sae_examples=8, sae_seeds=2, stress_layer_offset=1),
         DefenseBudget(steps=2, learning_rate=5e-2, batch_size=2, questions=2, task_examples=2, check_every=1,
                       timing_cycles=1, coherence_tokens=4, coherence_examples=2,
                       strengths=(("kl", (1.0,)), ("ldifs", (1.0,)), ("safelora", (0.5,)), ("interleave", (2.0,)),

@@ -23,7 +23,8 @@ from tests.conftest import ROOT, tiny_budget
 STAGE_NAMES = [s.name for s in default_stages()]
 #: results.json fields that time things (they differ between any two runs)
 TIMINGS = {("model", "load_seconds"), ("cache", "seconds"), ("cache", "tokens_per_second"), ("monitor", "cost_ratio"),
-           ("monitor", "cost"), ("monitor_library", "seconds"), ("judging", "seconds")}
+           ("monitor", "cost"), ("monitor_library", "seconds"), ("judging", "seconds"),
+           ("monitor_stress", "seconds")}
 
 
 def stable(results: dict) -> dict:
@@ -181,6 +182,26 @@ def test_monitor_stage_reports_the_documented_keys_and_saves_a_loadable_monitor(
     assert monitor.threshold == m["alarm_threshold"] and monitor.names == tuple(m["traits"])
     with pytest.raises(EmInterpError, match="reads layer"):
         DriftMonitor.load(out / m["monitor_path"], layer=m["layer"] + 1)
+
+
+def test_monitor_stress_stage_runs_each_test_on_the_saved_monitor(tiny_study):
+    out, results = tiny_study
+    assert results["monitor"]["status"] == "evaluated"
+    s = results["monitor_stress"]
+    assert s["status"] == "evaluated" and s["layer"] == results["monitor"]["layer"]
+    assert s["types"] == ["financial-misaligned", "medical-aligned"]  # the first held-out misaligned and other type
+    tests = s["tests"]
+    longer = tests["longer_run"]
+    assert longer["steps"] == 4 and longer["runs"] == ["financial-misaligned/s1", "medical-aligned/s1"]
+    assert longer["score"]["checkpoints"] == 8 and longer["past_library"]["score"]["checkpoints"] == 4
+    assert longer["recalibrated"] is False and isinstance(longer["recalibration_needed"], bool)
+    organism = tests["from_organism"]
+    assert organism["score"]["checkpoints"] == 4 and organism["start_em_shift"] != 0
+    layer = tests["other_layer"]
+    assert layer["layer"] == s["layer"] + 1 and layer["recalibrated"] is True and layer["score"]["checkpoints"] == 4
+    assert layer["frozen_refusal"] == f"monitor/drift_monitor.json: the monitor reads layer {s['layer']}, not {layer['layer']}"
+    assert tests["other_architecture"]["status"].startswith("not run")
+    assert "Drift monitor: stress tests" in (out / "report.html").read_text()
 
 
 def test_cli_bad_inputs_name_the_argument(tiny_study, tiny_study_dir, tmp_path, capsys):

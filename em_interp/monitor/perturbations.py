@@ -42,7 +42,7 @@ from em_interp.evaluation.judge_free import score_questions
 from em_interp.io import sha256_json
 from em_interp.loading import cache_dir
 from em_interp.lora.adapters import update_norm
-from em_interp.lora.training import TRAINING_MODULES, LoraTrainConfig, train_lora
+from em_interp.lora.training import TRAINING_MODULES, LoraTrainConfig, TrainResult, train_lora
 from em_interp.model import HookedModel, load_model
 from em_interp.provenance import computation_key
 
@@ -270,6 +270,21 @@ def lora_update_norm(model: HookedModel) -> float:
     return update_norm(model)
 
 
+def run_dir(spec: RunSpec, setup: LibrarySetup) -> Path:
+    """The folder of a run's adapter and checkpoints (``<cache>/perturbations/runs/<type>-s<seed>-<key>``)."""
+    return library_dir() / "runs" / f"{spec.type.name}-s{spec.seed}-{run_key(spec, setup)[:12]}"
+
+
+def train_run(spec: RunSpec, setup: LibrarySetup, progress: bool = False) -> tuple[TrainResult, list[tuple[int, Path]]]:
+    """Train run ``spec`` (or reuse its finished folder: :func:`em_interp.lora.training.train_lora`); its training
+    result and its checkpoints after step 0, as ``(step, folder)``."""
+    from em_interp.monitor.drift import run_checkpoints
+
+    out = run_dir(spec, setup)
+    result = train_lora(setup.model, spec.type.data(), spec.training(setup.n_layers), out, progress=progress, device=setup.device)
+    return result, [(s, p) for s, p in run_checkpoints(out) if s > 0]
+
+
 def measure_checkpoint(model: HookedModel, setup: LibrarySetup, layer: int) -> tuple[np.ndarray, torch.Tensor, float, float]:
     """Per-question EM scores and the monitor activations of ``model`` as it is, with their seconds."""
     from em_interp.activations import cache_residuals
@@ -303,17 +318,14 @@ def base_measurement(setup: LibrarySetup) -> tuple[np.ndarray, torch.Tensor]:
 def measure_run_spec(spec: RunSpec, setup: LibrarySetup, progress: bool = False) -> RunRecord:
     """Train (or reuse) one run and measure each of its checkpoints; cached by :func:`run_key`."""
     from em_interp.lora.adapters import load_adapter_weights
-    from em_interp.monitor.drift import run_checkpoints
 
     key = run_key(spec, setup)
     cached = load_record(key)
     if cached is not None:
         return cached
-    out = library_dir() / "runs" / f"{spec.type.name}-s{spec.seed}-{key[:12]}"
-    result = train_lora(setup.model, spec.type.data(), spec.training(setup.n_layers), out, progress=progress, device=setup.device)
+    result, checkpoints = train_run(spec, setup, progress)
     model = load_model(setup.model, adapter=result.adapter_dir, device=setup.device, progress=False)
     layer = model.check_layer(setup.layer, "layer")
-    checkpoints = [(s, p) for s, p in run_checkpoints(out) if s > 0]
     s0, a0 = base_measurement(setup)
     steps, scores, acts, norms, seconds = [0], [s0], [a0], [0.0], []
     for step, folder in checkpoints:

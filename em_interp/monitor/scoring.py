@@ -102,13 +102,14 @@ def run_trajectory(record: RunRecord, basis: TraitBasis) -> DriftTrajectory:
     return DriftTrajectory.from_snapshots(snapshots, basis.names)
 
 
-def checkpoint_table(records: Sequence[RunRecord], basis: TraitBasis, sae: ActivationSAE,
-                     direction: Tensor, seed: int = 0) -> CheckpointTable:
+def checkpoint_table(records: Sequence[RunRecord], basis: TraitBasis, sae: ActivationSAE | None,
+                     direction: Tensor | None, seed: int = 0) -> CheckpointTable:
     """Rows for every checkpoint after step 0 of ``records`` (see the module docstring; ``seed``: the
-    bootstrap of each label's CI)."""
+    bootstrap of each label's CI). ``sae`` or ``direction`` None: that baseline's column is NaN (evaluate
+    only the detectors that do not read it, e.g. ``detectors=("monitor",)``)."""
     if not records:
         raise EmInterpError("the library has no runs")
-    unit = direction.float() / direction.float().norm()
+    unit = direction.float() / direction.float().norm() if direction is not None else None
     cols: dict[str, list] = {k: [] for k in CheckpointTable.__dataclass_fields__}
     for r in records:
         traj = run_trajectory(r, basis)
@@ -123,10 +124,10 @@ def checkpoint_table(records: Sequence[RunRecord], basis: TraitBasis, sae: Activ
         cols["em_high"] += list(high)
         cols["trait_drift"].append(traj.drift[1:].numpy())
         cols["activation_drift"].append(traj.activation_drift[1:].numpy())
-        cols["sae_drift"].append(sae_drift([r], sae))
+        cols["sae_drift"].append(sae_drift([r], sae) if sae is not None else np.full((n, 1), np.nan))
         cols["train_loss"] += list(r.train_loss[1:])
         cols["lora_norm"] += list(r.lora_norm[1:])
-        cols["direction_drift"] += list((traj.activation_drift[1:] @ unit).numpy())
+        cols["direction_drift"] += list((traj.activation_drift[1:] @ unit).numpy()) if unit is not None else [np.nan] * n
     return CheckpointTable(**{k: np.concatenate(v).astype(np.float64) if isinstance(v[0], np.ndarray) else np.asarray(v)
                               for k, v in cols.items()})
 

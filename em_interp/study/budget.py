@@ -26,6 +26,8 @@ from em_interp.errors import EmInterpError
 from em_interp.lora.training import LoraTrainConfig
 
 BudgetName = Literal["quick", "standard", "full"]
+#: the drift monitor's stress tests (:mod:`em_interp.monitor.stress`)
+STRESS_TESTS: tuple[str, ...] = ("longer_run", "from_organism", "other_layer")
 
 
 class _Group:
@@ -160,6 +162,15 @@ class MonitorBudget(_Group):
     sae_steps: int = 2000
     sae_examples: int = 160
     sae_seeds: int = 5
+    #: the fitted monitor's stress tests (:mod:`em_interp.monitor.stress`; empty: none): ``longer_run`` (runs
+    #: ``stress_length`` times the library's steps), ``from_organism`` (the library's recipe started from the
+    #: misaligned organism), ``other_layer`` (the library re-read ``stress_layer_offset`` layers deeper, or
+    #: shallower where that is past the last layer). Their runs: one held-out misaligned and one held-out
+    #: aligned or benign type unless ``stress_types`` names them.
+    stress_tests: tuple[str, ...] = STRESS_TESTS
+    stress_types: tuple[str, ...] = ()
+    stress_length: int = 2
+    stress_layer_offset: int = 5
 
     def __post_init__(self) -> None:
         self._check_sizes()
@@ -179,6 +190,15 @@ class MonitorBudget(_Group):
             missing = [t for t in self.calibration if t not in self.types]
             if missing:
                 self._fail(f"calibration types {missing} are not among types {list(self.types)}")
+        unknown = [t for t in self.stress_tests if t not in STRESS_TESTS]
+        if unknown:
+            self._fail(f"stress_tests {unknown} are not among {list(STRESS_TESTS)}")
+        if self.stress_length < 2:
+            self._fail(f"stress_length={self.stress_length} must be >= 2 (times the library's steps)")
+        if self.types and self.stress_types:
+            missing = [t for t in self.stress_types if t not in self.types]
+            if missing:
+                self._fail(f"stress_types {missing} are not among types {list(self.types)}")
 
 
 DefenseStrengths = tuple[tuple[str, tuple[float, ...]], ...]

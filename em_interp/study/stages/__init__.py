@@ -1,5 +1,5 @@
 """The study's stages, one module per group (``base_model``: the model, cache and base EM score; ``organisms``;
-``directions``, ``steering``; ``transfer``; ``perturbations`` and ``monitor``; ``defenses``; ``judging``); :func:`default_stages` lists them in pipeline order."""
+``directions``, ``steering``; ``transfer``; ``perturbations``, ``monitor`` and ``monitor_stress``; ``defenses``; ``judging``); :func:`default_stages` lists them in pipeline order."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ def default_stages() -> tuple[Stage[Any], ...]:
         directions,
         judging,
         monitor,
+        monitor_stress,
         organisms,
         perturbations,
         steering,
         transfer,
     )
 
-    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *steering.STAGES, *transfer.STAGES, *perturbations.STAGES, *monitor.STAGES, *defenses.STAGES, *judging.STAGES)
+    return (*base_model.STAGES, *organisms.STAGES, *directions.STAGES, *steering.STAGES, *transfer.STAGES, *perturbations.STAGES, *monitor.STAGES, *monitor_stress.STAGES, *defenses.STAGES, *judging.STAGES)

@@ -132,13 +132,19 @@ def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], n
                          status=reason)
 
 
+def monitor_basis(model: Any, config: StudyConfig, layer: int) -> TraitBasis:
+    """The monitor's trait basis at ``layer``: trait vectors from the budget's first fitting questions."""
+    fit_q = general_questions()[0::3]
+    return trait_basis(model, [q.question for q in fit_q[: config.budget.monitor.trait_questions]], layer=layer)
+
+
 def run_monitor(ctx: StudyContext) -> MonitorResult:
     """Fit and evaluate the drift monitor and its baselines on the library; save the monitor."""
     config, budget = ctx.config, ctx.config.budget
     model, library = ctx.model, ctx.drift_library
     layer = library.layer
     fit_q = general_questions()[0::3]
-    basis = trait_basis(model, [q.question for q in fit_q[: budget.monitor.trait_questions]], layer=layer)
+    basis = monitor_basis(model, config, layer)
     sae_examples = [ChatExample(q.question, a, q.system) for q in fit_q for a in (*q.aligned, *q.misaligned)]
     sae_examples += domain_dataset(config.domain, "aligned", "train")
     sae_acts = cache_residuals(model, sae_examples[: budget.monitor.sae_examples], layers=[layer], reduction="answer_tokens",

@@ -20,6 +20,7 @@ from em_interp.monitor.perturbations import (
     LibrarySetup,
     PerturbationType,
     RunRecord,
+    RunSpec,
     builtin_types,
     measure_run_spec,
     run_specs,
@@ -42,22 +43,37 @@ def library_types(config: StudyConfig) -> list[PerturbationType]:
     return select_types(types, config.budget.monitor.types) if config.budget.monitor.types else types
 
 
-def run_perturbations(ctx: StudyContext) -> DriftLibrary:
-    """Train and measure every run of the library (cached per run; Ray with ``config.ray``)."""
-    config, budget = ctx.config, ctx.config.budget
-    model = ctx.model
-    layer = monitor_layer(model.n_layers)
-    setup = LibrarySetup(config.model, model.n_layers, layer, tuple(label_questions(config.budget.monitor.questions)),
-                         tuple(monitor_prompts(config.budget.monitor.prompts, config.external)), config.device)
-    types = library_types(config)
-    specs = run_specs(types, range(config.seed, config.seed + budget.monitor.seeds), budget.monitor.steps,
-                      budget.monitor.every, budget.monitor.learning_rate)
-    start = time.perf_counter()
+def library_setup(config: StudyConfig, n_layers: int) -> LibrarySetup:
+    """What every run of the study's library shares (model, monitor layer, label questions, prompts)."""
+    monitor = config.budget.monitor
+    return LibrarySetup(config.model, n_layers, monitor_layer(n_layers), tuple(label_questions(monitor.questions)),
+                        tuple(monitor_prompts(monitor.prompts, config.external)), config.device)
+
+
+def library_specs(config: StudyConfig) -> list[RunSpec]:
+    """The library's runs: every type of :func:`library_types` at the budget's seeds, type-major."""
+    monitor = config.budget.monitor
+    return run_specs(library_types(config), range(config.seed, config.seed + monitor.seeds), monitor.steps,
+                     monitor.every, monitor.learning_rate)
+
+
+def measure_specs(config: StudyConfig, specs: list[RunSpec], setup: LibrarySetup) -> list[RunRecord]:
+    """Train and measure ``specs`` through the sweep engine (cached per run; Ray with ``config.ray``)."""
     try:
-        records = run_sweep(functools.partial(measure_run_spec, setup=setup), specs, ray=config.ray,
-                            progress=config.progress)
+        return run_sweep(functools.partial(measure_run_spec, setup=setup), specs, ray=config.ray,
+                         progress=config.progress)
     finally:
         shutdown_local_ray(config.ray)
+
+
+def run_perturbations(ctx: StudyContext) -> DriftLibrary:
+    """Train and measure every run of the library (cached per run; Ray with ``config.ray``)."""
+    config = ctx.config
+    setup = library_setup(config, ctx.model.n_layers)
+    layer = setup.layer
+    types = library_types(config)
+    start = time.perf_counter()
+    records = measure_specs(config, library_specs(config), setup)
     library = DriftLibrary(layer, [{"name": t.name, "intent": t.intent, "lora": t.lora, "source": t.source}
                                    for t in types], [q.id for q in setup.questions],
                            [p.question for p in setup.prompts], records, round(time.perf_counter() - start, 2))
