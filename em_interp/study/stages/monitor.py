@@ -21,7 +21,7 @@ from em_interp.data import PairedQuestion, domain_dataset, general_questions
 from em_interp.directions import answer_contrast_direction
 from em_interp.monitor.detection import DetectionScore
 from em_interp.monitor.detector import DriftMonitor, monitor_cost
-from em_interp.monitor.drift import TraitBasis, label_questions, trait_basis
+from em_interp.monitor.drift import TraitBasis, label_questions
 from em_interp.monitor.label import label_summary
 from em_interp.monitor.perturbations import (
     DriftLibrary,
@@ -40,6 +40,7 @@ from em_interp.report import Section
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.contract import Headline, Stage
+from em_interp.study.library import monitor_basis
 from em_interp.study.records import StageFileError, record_type
 
 record_type(DetectionScore)
@@ -130,12 +131,6 @@ def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], n
                          [t for t in types if t in calibration_types], [t for t in types if t not in calibration_types],
                          threshold, {}, float(variance[0]), variance.tolist(), {}, {}, sae_info, rows, {}, "", "", {},
                          status=reason)
-
-
-def monitor_basis(model: Any, config: StudyConfig, layer: int) -> TraitBasis:
-    """The monitor's trait basis at ``layer``: trait vectors from the budget's first fitting questions."""
-    fit_q = general_questions()[0::3]
-    return trait_basis(model, [q.question for q in fit_q[: config.budget.monitor.trait_questions]], layer=layer)
 
 
 def run_monitor(ctx: StudyContext) -> MonitorResult:

@@ -46,9 +46,8 @@ from em_interp.report import Section
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.contract import NO_RESTORE, Stage
+from em_interp.study.library import library_setup, library_specs, library_types, measure_specs, monitor_basis
 from em_interp.study.records import record_type
-from em_interp.study.stages.monitor import monitor_basis
-from em_interp.study.stages.perturbations import library_setup, library_specs, library_types, measure_specs
 
 ANOTHER_ARCHITECTURE = ("not run: it needs a whole perturbation library on that model; the Gemma extra's model is a "
                         "base model without a chat template, so the chat-format label would not mean what it means here")
