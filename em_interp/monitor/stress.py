@@ -7,7 +7,7 @@ on the study's own model:
 
 - :func:`frozen_check` scores new runs with the monitor *as fitted* (its trait basis, its alarm
   threshold, the library's danger line): AUROC, FNR and FPR over the new runs' checkpoints, and
-  whether recalibration is needed (FNR or FPR above :data:`STRESS_MAX_RATE`, the issue's target);
+  whether recalibration is needed (FNR or FPR above :data:`STRESS_MAX_RATE`, 5%, the rate the monitor aims at);
 - longer runs: :func:`em_interp.monitor.perturbations.run_specs` with more steps, same recipe;
 - a misaligned starting point: the library's recipe trained on the organism's merged weights
   (:func:`em_interp.loading.merged_model_dir`); drift and label are measured from that starting model,
