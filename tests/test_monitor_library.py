@@ -26,6 +26,7 @@ from em_interp.monitor.scoring import (
     CheckpointTable,
     dangerous_threshold,
     evaluate_library,
+    is_dangerous,
     out_of_fold_scores,
 )
 from em_interp.monitor.sweep import check_ray_address, run_sweep, shutdown_local_ray
@@ -246,3 +247,27 @@ def test_a_failing_sweep_job_is_named_and_keeps_its_error_class():
     with pytest.raises(ValueError, match="a bug") as info:
         run_sweep(job, [Spec("bug")])
     assert "raised in sweep job 1/1 (bug)" in info.value.__notes__
+
+
+def test_the_monitor_layer_is_picked_on_the_calibration_types_alone():
+    from em_interp.monitor.layers import select_monitor_layer
+
+    good = _table()
+    rng = np.random.default_rng(1)
+    noise = replace(good, trait_drift=rng.normal(0, 0.05, good.trait_drift.shape))  # a layer whose drift says nothing
+    calibration = np.isin(good.type, ("a-mis", "a-al", "benign", "b-mis"))
+    dangerous = is_dangerous(good, dangerous_threshold(good, calibration))
+    choice = select_monitor_layer({3: noise, 7: good}, calibration, dangerous, ("x", "y", "z"), min_leaf=2)
+    assert choice.layer == 7 and set(choice.scores) == {3, 7}
+    assert choice.scores[7][choice.kind] == max(choice.scores[7].values()) > max(choice.scores[3].values())
+    # held-out rows never count: scrambling them at the good layer changes nothing
+    held = replace(good, trait_drift=np.where(calibration[:, None], good.trait_drift, rng.normal(size=good.trait_drift.shape)))
+    assert select_monitor_layer({3: noise, 7: held}, calibration, dangerous, ("x", "y", "z"), min_leaf=2) == choice
+    # ties go to the layer listed first
+    assert select_monitor_layer({9: good, 7: good}, calibration, dangerous, ("x", "y", "z"), min_leaf=2).layer == 9
+    with pytest.raises(EmInterpError, match="other checkpoints"):
+        select_monitor_layer({3: good, 7: replace(good, step=good.step + 1)}, calibration, dangerous, ("x", "y", "z"))
+    with pytest.raises(EmInterpError, match="one row per checkpoint"):
+        select_monitor_layer({3: good}, calibration[:-1], dangerous[:-1], ("x", "y", "z"))
+    with pytest.raises(EmInterpError, match="tables is empty"):
+        select_monitor_layer({}, calibration, dangerous, ("x", "y", "z"))

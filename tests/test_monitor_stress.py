@@ -11,7 +11,7 @@ from em_interp.monitor.detection import DetectionScore
 from em_interp.monitor.detector import DriftMonitor
 from em_interp.monitor.drift import TraitBasis
 from em_interp.monitor.perturbations import RunRecord
-from em_interp.monitor.stress import STRESS_MAX_RATE, danger_line, frozen_check, recalibration_verdict
+from em_interp.monitor.stress import STRESS_MAX_RATE, frozen_check, recalibration_verdict
 
 D = 6
 
@@ -86,12 +86,15 @@ def test_recalibration_verdict_uses_the_rates_that_are_defined():
         recalibration_verdict(_score(float("nan"), float("nan")))
 
 
-def test_danger_line_is_the_calibration_aligned_runs_95th_percentile():
-    records = [_record("mis", "misaligned", 0.02), _record("al", "aligned", 0.001)]
-    line = danger_line(records, _basis(), ["mis", "al"])
-    assert line == pytest.approx(float(np.percentile(records[1].em_shift[1:], 95)))
-    with pytest.raises(EmInterpError, match="aligned or benign"):
-        danger_line(records[:1], _basis(), ["mis"])
+def test_the_danger_line_is_saved_with_the_monitor(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    y = x[:, 0]
+    monitor = DriftMonitor("m", 2, ("a", "b", "c"), min_samples_leaf=2, danger_line=0.0125).fit(x, y, y > 0)
+    monitor.threshold = 0.1
+    loaded = DriftMonitor.load(monitor.save(tmp_path / "mon"))
+    assert loaded.danger_line == 0.0125 and loaded.threshold == 0.1
+    monitor.danger_line = None  # fitted outside a library: none saved, none loaded
+    assert DriftMonitor.load(monitor.save(tmp_path / "other")).danger_line is None
 
 
 def test_merged_model_equals_the_model_with_its_adapter(tiny_dirs, tmp_path):

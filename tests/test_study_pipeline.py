@@ -178,6 +178,10 @@ def test_monitor_stage_reports_the_documented_keys_and_saves_a_loadable_monitor(
     label = m["label"]  # the label's reliability: measured, or why not (a tiny model's library is small)
     assert (label["reliability"] is None and label["why"]) or (
         label["checkpoints"] == 8 and 0 <= label["within_noise_of_line"] <= 8 and label["reliability"] <= 1)
+    sel = m["layer_selection"]  # tiny_budget's offsets (0, 1) from the library's layer 1: the best one picked
+    assert m["library_layer"] == 1 and set(sel) == {"1", "2"} and m["skipped_layers"] == []
+    best = {x: max(v for v in kinds.values() if v is not None) for x, kinds in sel.items()}
+    assert best[str(m["layer"])] == max(best.values())
     monitor = DriftMonitor.load(out / m["monitor_path"], model=results["model"]["name"], layer=m["layer"])
     assert monitor.threshold == m["alarm_threshold"] and monitor.names == tuple(m["traits"])
     with pytest.raises(EmInterpError, match="reads layer"):
@@ -193,12 +197,12 @@ def test_monitor_stress_stage_runs_each_test_on_the_saved_monitor(tiny_study):
     tests = s["tests"]
     longer = tests["longer_run"]
     assert longer["steps"] == 4 and longer["runs"] == ["financial-misaligned/s1", "medical-aligned/s1"]
-    assert longer["score"]["checkpoints"] == 8 and longer["past_library"]["score"]["checkpoints"] == 4
+    assert longer["score"]["n_checkpoints"] == 8 and longer["past_library"]["score"]["n_checkpoints"] == 4
     assert longer["recalibrated"] is False and isinstance(longer["recalibration_needed"], bool)
     organism = tests["from_organism"]
-    assert organism["score"]["checkpoints"] == 4 and organism["start_em_shift"] != 0
+    assert organism["score"]["n_checkpoints"] == 4 and organism["start_em_shift"] != 0
     layer = tests["other_layer"]
-    assert layer["layer"] == s["layer"] + 1 and layer["recalibrated"] is True and layer["score"]["checkpoints"] == 4
+    assert abs(layer["layer"] - s["layer"]) == 1 and layer["recalibrated"] is True and layer["score"]["n_checkpoints"] == 4
     assert layer["frozen_refusal"] == f"monitor/drift_monitor.json: the monitor reads layer {s['layer']}, not {layer['layer']}"
     assert tests["other_architecture"]["status"].startswith("not run")
     assert "Drift monitor: stress tests" in (out / "report.html").read_text()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,18 @@ class DetectionScore:
     fpr_ci: tuple[float, float]
     n_checkpoints: int
     n_runs: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The score as JSON-ready values: undefined rates (NaN: e.g. an FNR with no dangerous checkpoint) become None."""
+        return {"auroc": json_number(self.auroc), "auroc_ci": [json_number(v) for v in self.auroc_ci],
+                "fnr": json_number(self.fnr), "fnr_ci": [json_number(v) for v in self.fnr_ci],
+                "fpr": json_number(self.fpr), "fpr_ci": [json_number(v) for v in self.fpr_ci],
+                "n_checkpoints": self.n_checkpoints, "n_runs": self.n_runs}
+
+
+def json_number(x: float) -> float | None:
+    """``x`` as a float, or None where it is undefined (NaN or infinite): JSON has no NaN."""
+    return float(x) if np.isfinite(x) else None
 
 
 def calibrate_threshold(scores: Sequence[float] | np.ndarray, dangerous: Sequence[bool] | np.ndarray,

@@ -61,6 +61,9 @@ class DriftMonitor:
     kind: MonitorKind = "forest"
     #: the logistic kind's arrays: drift mean and scale, coefficients, intercept
     linear: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: the EM shift (nats/token) above which the library it was calibrated on counted a checkpoint dangerous
+    #: (:func:`em_interp.monitor.scoring.dangerous_threshold`); None where it was fitted outside a library
+    danger_line: float | None = None
 
     def __post_init__(self) -> None:
         check_option("kind", self.kind, MONITOR_KINDS)
@@ -169,7 +172,7 @@ class DriftMonitor:
         return save_artifact(path, "drift_monitor", arrays, {
             "model": self.model, "layer": self.layer, "names": list(self.names), "n_estimators": self.n_estimators,
             "max_depth": self.max_depth, "min_samples_leaf": self.min_samples_leaf, "seed": self.seed,
-            "threshold": self.threshold, "n_trees": len(self.trees), "kind": self.kind})
+            "threshold": self.threshold, "n_trees": len(self.trees), "kind": self.kind, "danger_line": self.danger_line})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: str | None = None, layer: int | None = None) -> DriftMonitor:
@@ -192,6 +195,8 @@ class DriftMonitor:
         if kind not in MONITOR_KINDS:
             raise EmInterpError(f"{source}: field 'kind' = {kind!r} is not one of {list(MONITOR_KINDS)}")
         threshold = None if meta["threshold"] is None else sidecar_field(meta, "threshold", float, source)
+        # optional: monitors saved before it was recorded have none
+        line = None if meta.get("danger_line") is None else sidecar_field(meta, "danger_line", float, source)
         n_estimators, n_trees = (sidecar_field(meta, k, int, source) for k in ("n_estimators", "n_trees"))
         trees = _read_trees(arrays, n_trees, len(names), source) if kind == "forest" else []
         linear = {k.removeprefix("linear."): v for k, v in arrays.items() if k.startswith("linear.")}
@@ -208,7 +213,7 @@ class DriftMonitor:
             raise EmInterpError(f"{source}: the monitor reads layer {monitor_layer}, not {layer}")
         return cls(monitor_model, monitor_layer, tuple(names), n_estimators, sidecar_field(meta, "max_depth", int, source),
                    sidecar_field(meta, "min_samples_leaf", int, source), sidecar_field(meta, "seed", int, source),
-                   threshold, trees, kind, linear)
+                   threshold, trees, kind, linear, line)
 
 
 _TREE_ARRAYS = ("left", "right", "feature", "threshold", "value")

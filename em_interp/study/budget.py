@@ -171,9 +171,16 @@ class MonitorBudget(_Group):
     stress_types: tuple[str, ...] = ()
     stress_length: int = 2
     stress_layer_offset: int = 5
+    #: candidate monitor layers, as offsets from the library's (the middle block); the monitor stage re-reads the
+    #: library's checkpoints at each and picks the layer by leave-one-type-out within the calibration types
+    #: (:mod:`em_interp.monitor.layers`); ties go to the offset listed first; offsets past the model are skipped
+    layer_offsets: tuple[int, ...] = (0, -5, 5)
 
     def __post_init__(self) -> None:
         self._check_sizes()
+        if not self.layer_offsets or len(set(self.layer_offsets)) != len(self.layer_offsets) \
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in self.layer_offsets):
+            self._fail(f"layer_offsets={self.layer_offsets!r} must be distinct integers, at least one")
         if self.every > self.steps:
             self._fail(f"every={self.every} > steps={self.steps}")
         if not self.calibration:

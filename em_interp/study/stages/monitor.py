@@ -19,13 +19,13 @@ from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.data import PairedQuestion, domain_dataset, general_questions
 from em_interp.directions import answer_contrast_direction
-from em_interp.monitor.detection import DetectionScore
+from em_interp.errors import EmInterpError
+from em_interp.monitor.detection import DetectionScore, json_number
 from em_interp.monitor.detector import DriftMonitor, monitor_cost
 from em_interp.monitor.drift import TraitBasis, label_questions
 from em_interp.monitor.label import label_summary
-from em_interp.monitor.perturbations import (
-    DriftLibrary,
-)
+from em_interp.monitor.layers import LayerChoice, relayer_records, select_monitor_layer
+from em_interp.monitor.perturbations import DriftLibrary, RunRecord
 from em_interp.monitor.sae import train_topk_sae
 from em_interp.monitor.scoring import (
     MONITOR_DETECTORS,
@@ -40,7 +40,7 @@ from em_interp.report import Section
 from em_interp.study.config import StudyConfig
 from em_interp.study.context import StudyContext
 from em_interp.study.contract import Headline, Stage
-from em_interp.study.library import monitor_basis
+from em_interp.study.library import library_setup, library_specs, monitor_basis
 from em_interp.study.records import StageFileError, record_type
 
 record_type(DetectionScore)
@@ -80,17 +80,12 @@ class MonitorResult:
     label: dict[str, Any] = field(default_factory=dict)
     #: steps between the library's checkpoints (lead times are counted against it)
     every: int = 0
-
-
-def _num(x: float) -> float | None:
-    """``x``, or None where it is undefined (NaN: e.g. an AUROC over held-out rows of one class); JSON has no NaN."""
-    return float(x) if np.isfinite(x) else None
-
-
-def _score_dict(s: DetectionScore) -> dict[str, Any]:
-    return {"auroc": _num(s.auroc), "auroc_ci": [_num(v) for v in s.auroc_ci], "fnr": _num(s.fnr),
-            "fnr_ci": [_num(v) for v in s.fnr_ci], "fpr": _num(s.fpr), "fpr_ci": [_num(v) for v in s.fpr_ci],
-            "n_checkpoints": s.n_checkpoints, "n_runs": s.n_runs}
+    #: the layer the library was measured at; each candidate layer's calibration leave-one-type-out AUROC per
+    #: kind (the monitor's ``layer`` is the best: :func:`em_interp.monitor.layers.select_monitor_layer`); candidate
+    #: layers past the model
+    library_layer: int = -1
+    layer_selection: dict[str, dict[str, float]] = field(default_factory=dict)
+    skipped_layers: list[int] = field(default_factory=list)
 
 
 def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library: DriftLibrary, config: StudyConfig,
@@ -133,13 +128,54 @@ def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], n
                          status=reason)
 
 
+def _layer_candidates(config: StudyConfig, library_layer: int, n_layers: int) -> tuple[list[int], list[int]]:
+    """The budget's candidate monitor layers inside the model (library layer offsets), and those past it."""
+    wanted = list(dict.fromkeys(library_layer + o for o in config.budget.monitor.layer_offsets))
+    return [x for x in wanted if 0 <= x < n_layers], [x for x in wanted if not 0 <= x < n_layers]
+
+
+def _choose_layer(ctx: StudyContext, table: CheckpointTable, basis: TraitBasis) -> tuple[LayerChoice, list[RunRecord],
+                                                                                          TraitBasis, list[int]]:
+    """Re-read the library at every candidate layer and pick one on the calibration types alone
+    (:func:`em_interp.monitor.layers.select_monitor_layer`); the picked layer's records and basis, the layers skipped."""
+    config, budget, model, library = ctx.config, ctx.config.budget.monitor, ctx.model, ctx.drift_library
+    layers, skipped = _layer_candidates(config, library.layer, model.n_layers)
+    if not layers:
+        raise EmInterpError(f"Budget.monitor.layer_offsets={budget.layer_offsets}: no candidate layer is inside the "
+                            f"model's {model.n_layers} layers (library layer {library.layer})")
+    records = {library.layer: list(library.records)}
+    others = [x for x in layers if x != library.layer]
+    if others:
+        setup = library_setup(config, model.n_layers)
+        prompts = [ChatExample(p.question, None, p.system) for p in setup.prompts]
+        base = cache_residuals(model, prompts, layers=others, hook="resid_post", reduction="last_prompt", batch_size=32,
+                               progress=False)
+        records.update(relayer_records(library.records, library_specs(config), setup, others,
+                                       {x: base[x].float().cpu() for x in others}))
+    bases = {x: basis if x == library.layer else monitor_basis(model, config, x) for x in layers}
+    tables = {x: table if x == library.layer else checkpoint_table(records[x], bases[x], None, None, seed=config.seed)
+              for x in layers}
+    calibration = np.isin(table.type, list(budget.calibration))
+    dangerous = is_dangerous(table, dangerous_threshold(table, calibration))
+    choice = select_monitor_layer(tables, calibration, dangerous, basis.names, budget.min_leaf, config.seed)
+    return choice, records[choice.layer], bases[choice.layer], skipped
+
+
 def run_monitor(ctx: StudyContext) -> MonitorResult:
-    """Fit and evaluate the drift monitor and its baselines on the library; save the monitor."""
+    """Pick the monitor's layer, fit and evaluate the drift monitor and its baselines on the library; save the monitor."""
     config, budget = ctx.config, ctx.config.budget
     model, library = ctx.model, ctx.drift_library
-    layer = library.layer
     fit_q = general_questions()[0::3]
-    basis = monitor_basis(model, config, layer)
+    basis = monitor_basis(model, config, library.layer)
+    table = checkpoint_table(library.records, basis, None, None, seed=config.seed)
+    label = label_summary(np.concatenate([r.question_shift[1:] for r in library.records]),
+                          dangerous_threshold(table, np.isin(table.type, list(budget.monitor.calibration))), config.seed)
+    not_evaluable = _not_evaluable(table, budget.monitor.calibration, basis.names, library.layer, {})
+    if not_evaluable is not None:
+        ctx.drift_monitor = None
+        return replace(not_evaluable, label=label)
+    choice, records, basis, skipped = _choose_layer(ctx, table, basis)
+    layer = choice.layer
     sae_examples = [ChatExample(q.question, a, q.system) for q in fit_q for a in (*q.aligned, *q.misaligned)]
     sae_examples += domain_dataset(config.domain, "aligned", "train")
     sae_acts = cache_residuals(model, sae_examples[: budget.monitor.sae_examples], layers=[layer], reduction="answer_tokens",
@@ -148,18 +184,12 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                            steps=budget.monitor.sae_steps, seed=config.seed + i) for i in range(budget.monitor.sae_seeds)]
     sae = saes[0]
     direction = answer_contrast_direction(model, fit_q[: budget.monitor.trait_questions * 2], layer)
-    table = checkpoint_table(library.records, basis, sae, direction, seed=config.seed)
+    table = checkpoint_table(records, basis, sae, direction, seed=config.seed)
     sae_info: dict[str, Any] = {"latents": float(sae.d_sae), "k": float(budget.monitor.sae_k), "final_mse": sae.final_mse,
                 "dead_fraction": sae.dead_fraction, "training_rows": float(len(sae_acts))}
-    label = label_summary(np.concatenate([r.question_shift[1:] for r in library.records]),
-                          dangerous_threshold(table, np.isin(table.type, list(budget.monitor.calibration))), config.seed)
-    not_evaluable = _not_evaluable(table, budget.monitor.calibration, basis.names, layer, sae_info)
-    if not_evaluable is not None:
-        ctx.drift_monitor = None
-        return replace(not_evaluable, label=label)
     evaluation = evaluate_library(table, budget.monitor.calibration, basis.names, min_leaf=budget.monitor.min_leaf,
                                   seed=config.seed, n_boot=budget.monitor.bootstrap)
-    sae_info["over_seeds"] = sae_over_seeds(table, library.records, saes, budget.monitor.calibration, basis.names,
+    sae_info["over_seeds"] = sae_over_seeds(table, records, saes, budget.monitor.calibration, basis.names,
                                             budget.monitor.min_leaf, config.seed, budget.monitor.bootstrap)
     calibration = evaluation.calibration
     monitor = DriftMonitor(model.name, layer, basis.names, min_samples_leaf=budget.monitor.min_leaf, seed=config.seed,
@@ -167,6 +197,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     monitor.fit(table.trait_drift[calibration], table.em_shift[calibration], evaluation.dangerous[calibration])
     # the evaluation's threshold: set on out-of-fold scores of the calibration types (scoring.out_of_fold_scores)
     monitor.threshold = float(evaluation.detectors["monitor"].threshold)
+    monitor.danger_line = evaluation.danger_threshold
     folder = config.out / "monitor"
     monitor.save(folder / "drift_monitor")
     basis.save(folder / "trait_basis")
@@ -175,8 +206,8 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     prompts = [ChatExample(p) for p in library.prompts]
     cost = _measure_cost(model, basis, monitor, library, config, questions, prompts)
     types = list(dict.fromkeys(table.type.tolist()))
-    detectors = {name: {**_score_dict(r.heldout), "threshold": r.threshold,
-                        "leave_one_type_out": _score_dict(r.leave_one_out)} for name, r in evaluation.detectors.items()}
+    detectors = {name: {**r.heldout.to_json(), "threshold": r.threshold,
+                        "leave_one_type_out": r.leave_one_out.to_json()} for name, r in evaluation.detectors.items()}
     rows = _checkpoint_rows(table, calibration, evaluation.dangerous, evaluation.monitor_alarm)
     return MonitorResult(layer, list(basis.names), types, list(dict.fromkeys(table.run.tolist())),
                          [t for t in types if t in budget.monitor.calibration],
@@ -185,7 +216,8 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                          dict(evaluation.lead_steps), cost, sae_info, rows,
                          {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
                          evaluation.monitor_kind, dict(evaluation.kind_selection), label=label,
-                         every=budget.monitor.every)
+                         every=budget.monitor.every, library_layer=library.layer,
+                         layer_selection={str(x): v for x, v in choice.scores.items()}, skipped_layers=skipped)
 
 
 def restore_monitor(ctx: StudyContext, result: MonitorResult) -> None:
@@ -288,6 +320,7 @@ def monitor_section(r: MonitorResult, config: StudyConfig) -> Section:
          f"{', '.join(r.calibration_types)}; held out: {', '.join(r.heldout_types)}. A checkpoint is dangerous when its EM "
          f"shift's 95% CI (questions resampled) lies above {r.danger_threshold:+.4f} nats/token (the line: 95th percentile of "
          "the calibration aligned/benign checkpoints and at least 0, fixed before any held-out type was scored)." + _label_text(r.label),
+         _layer_text(r),
          "The monitor's kind, picked by leave-one-type-out within the calibration types (AUROC there: "
          + ", ".join(f"{k} {v:.3f}" for k, v in r.kind_selection.items()) + f"): {r.monitor_kind}. "
          f"On the held-out types the monitor reaches AUROC {_fmt(m, 'auroc')}, FNR {_fmt(m, 'fnr')}, FPR {_fmt(m, 'fpr')} "
@@ -298,6 +331,18 @@ def monitor_section(r: MonitorResult, config: StudyConfig) -> Section:
          _cost_text(c)
          + _sae_seeds_text(r.sae.get("over_seeds"))],
         table=table, figures=monitor_figures(r))
+
+
+def _layer_text(r: MonitorResult) -> str:
+    """How the monitor's layer was picked, in one sentence (empty for records made before layers were compared)."""
+    if not r.layer_selection:
+        return ""
+    scores = "; ".join(f"layer {x}: " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items())
+                       for x, kinds in r.layer_selection.items())
+    skipped = f" (offsets past the model's layers skipped: {r.skipped_layers})" if r.skipped_layers else ""
+    return (f"The layer was picked among {len(r.layer_selection)} candidates{skipped}, every library checkpoint re-read "
+            f"there, by leave-one-type-out AUROC within the calibration types ({scores}): layer {r.layer} (the library "
+            f"was measured at layer {r.library_layer}). Everything below, baselines included, reads layer {r.layer}.")
 
 
 def _cost_text(c: dict[str, float]) -> str:
@@ -358,10 +403,12 @@ def monitor_entries(r: MonitorResult) -> dict[str, Any]:
         "pc1_variance": r.pc1_variance, "auroc": m["auroc"], "auroc_ci": m["auroc_ci"], "fnr": m["fnr"],
         "fnr_ci": m["fnr_ci"], "fpr": m["fpr"], "fpr_ci": m["fpr_ci"], "lead_steps": lead["median"],
         "lead_steps_per_run": r.lead_steps, "lead": lead, "leave_one_type_out": m["leave_one_type_out"],
-        "kind": r.monitor_kind, "kind_selection": {k: _num(v) for k, v in r.kind_selection.items()},
+        "kind": r.monitor_kind, "kind_selection": {k: json_number(v) for k, v in r.kind_selection.items()},
         "variants": {name: _short(d) for name, d in r.detectors.items() if name in MONITOR_DETECTORS and name != "monitor"},
         "baselines": {name: _short(d) for name, d in r.detectors.items() if name not in MONITOR_DETECTORS},
-        "cost_ratio": r.cost["cost_ratio"], "cost": r.cost, "sae": r.sae, "monitor_path": r.monitor_path, "label": r.label}}
+        "cost_ratio": r.cost["cost_ratio"], "cost": r.cost, "sae": r.sae, "monitor_path": r.monitor_path, "label": r.label,
+        "library_layer": r.library_layer, "skipped_layers": r.skipped_layers,
+        "layer_selection": {x: {k: json_number(v) for k, v in kinds.items()} for x, kinds in r.layer_selection.items()}}}
 
 
 def monitor_headlines(r: MonitorResult) -> list[Headline]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,17 +31,21 @@ from em_interp.activations import cache_residuals
 from em_interp.chat import ChatExample
 from em_interp.errors import EmInterpError
 from em_interp.loading import merged_model_dir
-from em_interp.monitor.detection import DetectionScore
 from em_interp.monitor.detector import DriftMonitor
 from em_interp.monitor.drift import TraitBasis
-from em_interp.monitor.perturbations import RunRecord, base_measurement, run_specs, select_types
+from em_interp.monitor.layers import relayer_records
+from em_interp.monitor.perturbations import (
+    PerturbationType,
+    RunRecord,
+    base_measurement,
+    run_specs,
+    select_types,
+)
 from em_interp.monitor.scoring import checkpoint_table, evaluate_library
 from em_interp.monitor.stress import (
     FrozenCheck,
-    danger_line,
     frozen_check,
     recalibration_verdict,
-    relayer_records,
 )
 from em_interp.report import Section
 from em_interp.study.config import StudyConfig
@@ -69,38 +74,28 @@ class StressResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _num(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
-def _score(s: DetectionScore) -> dict[str, Any]:
-    return {"auroc": _num(s.auroc), "auroc_ci": [_num(v) for v in s.auroc_ci], "fnr": _num(s.fnr),
-            "fnr_ci": [_num(v) for v in s.fnr_ci], "fpr": _num(s.fpr), "fpr_ci": [_num(v) for v in s.fpr_ci],
-            "checkpoints": s.n_checkpoints, "runs": s.n_runs}
-
-
 def _frozen(check: FrozenCheck) -> dict[str, Any]:
     d = np.asarray(check.rows["dangerous"], dtype=bool)
-    return {"score": _score(check.score), "recalibration_needed": check.recalibration_needed, "why": check.why,
+    return {"score": check.score.to_json(), "recalibration_needed": check.recalibration_needed, "why": check.why,
             "dangerous": int(d.sum()), "alarms": int(np.sum(check.rows["alarm"])), "rows": check.rows}
 
 
-def stress_types(config: StudyConfig) -> list[str]:
+def stress_types(config: StudyConfig) -> list[PerturbationType]:
     """The stress runs' types: the budget's, or the first held-out misaligned and the first held-out other type."""
     monitor = config.budget.monitor
     types = library_types(config)
     if monitor.stress_types:
-        return [t.name for t in select_types(types, monitor.stress_types)]
+        return select_types(types, monitor.stress_types)
     held = [t for t in types if t.name not in monitor.calibration]
-    picked = [next((t.name for t in held if t.intent == "misaligned"), None),
-              next((t.name for t in held if t.intent != "misaligned"), None)]
-    names = [n for n in picked if n is not None]
-    if not names:
+    picked = [next((t for t in held if t.intent == "misaligned"), None),
+              next((t for t in held if t.intent != "misaligned"), None)]
+    chosen = [t for t in picked if t is not None]
+    if not chosen:
         raise EmInterpError("no held-out type is left for the stress runs: name them in Budget.monitor.stress_types")
-    return names
+    return chosen
 
 
-def _other_layer(ctx: StudyContext, layer: int, folder: Any, seed: int) -> dict[str, Any]:
+def _other_layer(ctx: StudyContext, layer: int, folder: Path, seed: int) -> dict[str, Any]:
     """The library re-read at another layer and the monitor refitted there (its held-out numbers)."""
     config, budget, model, library = ctx.config, ctx.config.budget.monitor, ctx.model, ctx.drift_library
     offset = budget.stress_layer_offset
@@ -117,7 +112,7 @@ def _other_layer(ctx: StudyContext, layer: int, folder: Any, seed: int) -> dict[
     prompts = [ChatExample(p.question, None, p.system) for p in setup.prompts]
     base = cache_residuals(model, prompts, layers=[other], hook="resid_post", reduction="last_prompt", batch_size=32,
                            progress=False)[other].float().cpu()
-    records = relayer_records(library.records, library_specs(config), setup, other, base)
+    records = relayer_records(library.records, library_specs(config), setup, [other], {other: base})[other]
     basis = monitor_basis(model, config, other)
     table = checkpoint_table(records, basis, None, None, seed=seed)
     evaluation = evaluate_library(table, budget.calibration, basis.names, min_leaf=budget.min_leaf, seed=seed,
@@ -125,9 +120,9 @@ def _other_layer(ctx: StudyContext, layer: int, folder: Any, seed: int) -> dict[
     held = evaluation.detectors["monitor"].heldout
     needed, why = recalibration_verdict(held)
     return {"status": "evaluated", "recalibrated": True, "layer": other, "kind": evaluation.monitor_kind,
-            "score": _score(held), "frozen_refusal": refusal, "recalibration_needed": True,
+            "score": held.to_json(), "frozen_refusal": refusal, "recalibration_needed": True,
             "recalibrated_within_target": not needed, "why": why,
-            "description": f"every library checkpoint re-read at layer {other} (library: {layer}); trait basis, "
+            "description": f"every library checkpoint re-read at layer {other} (monitor: {layer}); trait basis, "
                            "monitor and alarm refitted on the calibration types; held-out types scored"}
 
 
@@ -143,11 +138,13 @@ def run_monitor_stress(ctx: StudyContext) -> StressResult:
                             library_steps=budget.steps)
     start = time.perf_counter()
     model = ctx.model
-    monitor = DriftMonitor.load(folder / "drift_monitor", model=model.name, layer=library.layer)
+    monitor = DriftMonitor.load(folder / "drift_monitor", model=model.name)  # at the layer the monitor stage picked
     basis = TraitBasis.load(folder / "trait_basis")
-    line = danger_line(library.records, basis, budget.calibration, config.seed)
-    setup = library_setup(config, model.n_layers)
-    types = select_types(library_types(config), stress_types(config))
+    if monitor.danger_line is None:
+        raise EmInterpError(f"the saved drift monitor in {folder} has no danger line: rerun the monitor stage")
+    line = monitor.danger_line
+    setup = replace(library_setup(config, model.n_layers), layer=monitor.layer)
+    types = stress_types(config)
     tests: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {"types": [t.name for t in types]}
 
@@ -176,9 +173,9 @@ def run_monitor_stress(ctx: StudyContext) -> StressResult:
                            f"over the base model {start_shift:+.4f} nats/token); drift and label measured from the "
                            "organism; the monitor and danger line as fitted on the base model's library"}
     if "other_layer" in budget.stress_tests:
-        tests["other_layer"] = _other_layer(ctx, library.layer, folder, config.seed)
+        tests["other_layer"] = _other_layer(ctx, monitor.layer, folder, config.seed)
     tests["other_architecture"] = {"status": ANOTHER_ARCHITECTURE, "recalibrated": None}
-    return StressResult(tests, line, library.layer, round(time.perf_counter() - start, 2), library_steps=budget.steps,
+    return StressResult(tests, line, monitor.layer, round(time.perf_counter() - start, 2), library_steps=budget.steps,
                         extra=extra)
 
 
@@ -194,7 +191,7 @@ def _row(name: str, t: dict[str, Any]) -> dict[str, Any]:
                 "recalibration needed": t["status"]}
     s = t["score"]
     return {"test": name, "monitor": "refitted" if t["recalibrated"] else "as fitted",
-            "checkpoints (dangerous)": f"{s['checkpoints']} ({t['dangerous']})" if "dangerous" in t else str(s["checkpoints"]),
+            "checkpoints (dangerous)": f"{s['n_checkpoints']} ({t['dangerous']})" if "dangerous" in t else str(s["n_checkpoints"]),
             "AUROC": _fmt(s, "auroc"), "FNR": _fmt(s, "fnr"), "FPR": _fmt(s, "fpr"),
             "recalibration needed": _verdict(t)}
 

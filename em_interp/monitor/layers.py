@@ -1,0 +1,101 @@
+"""The monitor's layer: the library re-read at other layers, and the layer picked on the calibration types alone.
+
+The trait-space monitoring paper reads its traits at one mid-depth layer; which layer carries the drift
+best differs between models. Re-running the library's LoRA training per layer would multiply its cost;
+the library's runs keep their checkpoints, so :func:`relayer_records` re-reads every checkpoint at any
+set of layers in one forward pass per checkpoint, and :func:`select_monitor_layer` picks the layer (and
+the monitor's kind) by leave-one-type-out within the calibration types, as the kind is picked
+(:func:`em_interp.monitor.scoring.select_monitor_kind`): held-out types are never looked at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from em_interp.chat import ChatExample
+from em_interp.errors import EmInterpError
+from em_interp.monitor.perturbations import LibrarySetup, RunRecord, RunSpec, train_run
+from em_interp.monitor.scoring import CheckpointTable, select_monitor_kind
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The picked monitor layer and kind, and every candidate's calibration leave-one-type-out AUROC per kind."""
+
+    layer: int
+    kind: str
+    #: layer -> kind -> pooled leave-one-type-out AUROC over the calibration rows
+    scores: dict[int, dict[str, float]]
+
+
+def select_monitor_layer(tables: Mapping[int, CheckpointTable], calibration: np.ndarray, dangerous: np.ndarray,
+                         names: tuple[str, ...], min_leaf: int = 5, seed: int = 0) -> LayerChoice:
+    """The layer (key of ``tables``: that layer's checkpoint table, same rows in the same order) and kind with
+    the best leave-one-type-out AUROC within the calibration rows; ties go to the layer listed first.
+
+    ``calibration`` and ``dangerous`` mark rows (the label does not depend on the layer)."""
+    if not tables:
+        raise EmInterpError("tables is empty: give at least one layer's checkpoint table")
+    sizes = {layer: len(t) for layer, t in tables.items()}
+    if len(set(sizes.values())) != 1 or next(iter(sizes.values())) != len(calibration):
+        raise EmInterpError(f"every layer's table needs one row per checkpoint ({len(calibration)}), got {sizes}")
+    first = next(iter(tables.values()))
+    for layer, t in tables.items():
+        if not (np.array_equal(t.run, first.run) and np.array_equal(t.step, first.step)):
+            raise EmInterpError(f"layer {layer}'s table lists other checkpoints than layer {next(iter(tables))}'s")
+    scores: dict[int, dict[str, float]] = {}
+    best: tuple[float, int, str] | None = None
+    for layer, table in tables.items():
+        kind, per_kind = select_monitor_kind(table, calibration, dangerous, names, min_leaf, seed)
+        scores[layer] = per_kind
+        value = float(np.nan_to_num(per_kind[kind], nan=-1.0))
+        if best is None or value > best[0]:
+            best = (value, layer, kind)
+    assert best is not None
+    return LayerChoice(best[1], best[2], scores)
+
+
+def relayer_records(records: Sequence[RunRecord], specs: Sequence[RunSpec], setup: LibrarySetup,
+                    layers: Sequence[int], base_activations: Mapping[int, torch.Tensor]) -> dict[int, list[RunRecord]]:
+    """The library's ``records`` with their monitor activations re-read at each of ``layers`` (labels unchanged).
+
+    ``specs`` are the runs the records came from (same order); each run's saved checkpoints are read once,
+    every layer from the same forward pass (a run whose folder is gone is retrained to the same weights);
+    ``base_activations[layer]`` are the base model's at that layer (step 0 of every run)."""
+    from em_interp.activations import cache_residuals
+    from em_interp.lora.adapters import load_adapter_weights
+    from em_interp.model import load_model
+
+    if len(records) != len(specs):
+        raise EmInterpError(f"{len(records)} records for {len(specs)} run specs")
+    if not layers:
+        raise EmInterpError("layers is empty: name at least one layer to re-read")
+    missing_base = [layer for layer in layers if layer not in base_activations]
+    if missing_base:
+        raise EmInterpError(f"base_activations has no entry for layers {missing_base}")
+    prompts = [ChatExample(p.question, None, p.system) for p in setup.prompts]
+    out: dict[int, list[RunRecord]] = {layer: [] for layer in layers}
+    for record, spec in zip(records, specs):
+        if record.run != spec.name:
+            raise EmInterpError(f"record {record.run} does not belong to run spec {spec.name}")
+        result, checkpoints = train_run(spec, setup)
+        by_step = dict(checkpoints)
+        missing = [s for s in record.steps[1:] if s not in by_step]
+        if missing:
+            raise EmInterpError(f"run {spec.name}: no saved checkpoint for steps {missing}")
+        model = load_model(setup.model, adapter=result.adapter_dir, device=setup.device, progress=False)
+        read = {layer: model.check_layer(layer, "layers") for layer in layers}
+        acts: dict[int, list[torch.Tensor]] = {layer: [base_activations[layer]] for layer in layers}
+        for step in record.steps[1:]:
+            load_adapter_weights(model, by_step[step])
+            cached = cache_residuals(model, prompts, layers=sorted(set(read.values())), hook="resid_post", reduction="last_prompt",
+                                     batch_size=32, progress=False)
+            for layer in layers:
+                acts[layer].append(cached[read[layer]].float().cpu())
+        for layer in layers:
+            out[layer].append(replace(record, activations=torch.stack(acts[layer])))
+    return out
