@@ -179,9 +179,11 @@ def test_monitor_stage_reports_the_documented_keys_and_saves_a_loadable_monitor(
     assert (label["reliability"] is None and label["why"]) or (
         label["checkpoints"] == 8 and 0 <= label["within_noise_of_line"] <= 8 and label["reliability"] <= 1)
     sel = m["layer_selection"]  # tiny_budget's offsets (0, 1) from the library's layer 1: the best one picked
-    assert m["library_layer"] == 1 and set(sel) == {"1", "2"} and m["skipped_layers"] == []
+    assert m["library_layer"] == 1 and set(sel) == set(m["layer_heldout"]) == {"1", "2"} and m["skipped_layers"] == []
     best = {x: max(v for v in kinds.values() if v is not None) for x, kinds in sel.items()}
     assert best[str(m["layer"])] == max(best.values())
+    picked = m["layer_heldout"][str(m["layer"])]  # the same monitor as the table's row, refitted in the same way
+    assert (picked["auroc"], picked["fnr"], picked["fpr"]) == (m["auroc"], m["fnr"], m["fpr"])
     monitor = DriftMonitor.load(out / m["monitor_path"], model=results["model"]["name"], layer=m["layer"])
     assert monitor.threshold == m["alarm_threshold"] and monitor.names == tuple(m["traits"])
     with pytest.raises(EmInterpError, match="reads layer"):

@@ -86,6 +86,8 @@ class MonitorResult:
     library_layer: int = -1
     layer_selection: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped_layers: list[int] = field(default_factory=list)
+    #: per candidate layer, the monitor refitted there and scored on the held-out types (for the reader: not used to pick)
+    layer_heldout: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _measure_cost(model: Any, basis: TraitBasis, monitor: DriftMonitor, library: DriftLibrary, config: StudyConfig,
@@ -134,10 +136,11 @@ def _layer_candidates(config: StudyConfig, library_layer: int, n_layers: int) ->
     return [x for x in wanted if 0 <= x < n_layers], [x for x in wanted if not 0 <= x < n_layers]
 
 
-def _choose_layer(ctx: StudyContext, table: CheckpointTable, basis: TraitBasis) -> tuple[LayerChoice, list[RunRecord],
-                                                                                          TraitBasis, list[int]]:
+def _choose_layer(ctx: StudyContext, table: CheckpointTable, basis: TraitBasis) -> tuple[
+        LayerChoice, list[RunRecord], TraitBasis, list[int], dict[str, dict[str, Any]]]:
     """Re-read the library at every candidate layer and pick one on the calibration types alone
-    (:func:`em_interp.monitor.layers.select_monitor_layer`); the picked layer's records and basis, the layers skipped."""
+    (:func:`em_interp.monitor.layers.select_monitor_layer`); the picked layer's records and basis, the layers skipped,
+    and each candidate's held-out monitor score (reported beside the choice, never used for it)."""
     config, budget, model, library = ctx.config, ctx.config.budget.monitor, ctx.model, ctx.drift_library
     layers, skipped = _layer_candidates(config, library.layer, model.n_layers)
     if not layers:
@@ -158,7 +161,11 @@ def _choose_layer(ctx: StudyContext, table: CheckpointTable, basis: TraitBasis) 
     calibration = np.isin(table.type, list(budget.calibration))
     dangerous = is_dangerous(table, dangerous_threshold(table, calibration))
     choice = select_monitor_layer(tables, calibration, dangerous, basis.names, budget.min_leaf, config.seed)
-    return choice, records[choice.layer], bases[choice.layer], skipped
+    # for the reader only, after the choice: what the monitor would have scored on the held-out types at each candidate
+    heldout = {str(x): evaluate_library(t, budget.calibration, basis.names, min_leaf=budget.min_leaf, seed=config.seed,
+                                        n_boot=budget.bootstrap, detectors=("monitor",)).detectors["monitor"].heldout.to_json()
+               for x, t in tables.items()}
+    return choice, records[choice.layer], bases[choice.layer], skipped, heldout
 
 
 def run_monitor(ctx: StudyContext) -> MonitorResult:
@@ -174,7 +181,7 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     if not_evaluable is not None:
         ctx.drift_monitor = None
         return replace(not_evaluable, label=label)
-    choice, records, basis, skipped = _choose_layer(ctx, table, basis)
+    choice, records, basis, skipped, layer_heldout = _choose_layer(ctx, table, basis)
     layer = choice.layer
     sae_examples = [ChatExample(q.question, a, q.system) for q in fit_q for a in (*q.aligned, *q.misaligned)]
     sae_examples += domain_dataset(config.domain, "aligned", "train")
@@ -217,7 +224,8 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
                          {n: r.scores for n, r in evaluation.detectors.items()}, "monitor/drift_monitor",
                          evaluation.monitor_kind, dict(evaluation.kind_selection), label=label,
                          every=budget.monitor.every, library_layer=library.layer,
-                         layer_selection={str(x): v for x, v in choice.scores.items()}, skipped_layers=skipped)
+                         layer_selection={str(x): v for x, v in choice.scores.items()}, skipped_layers=skipped,
+                         layer_heldout=layer_heldout)
 
 
 def restore_monitor(ctx: StudyContext, result: MonitorResult) -> None:
@@ -342,7 +350,10 @@ def _layer_text(r: MonitorResult) -> str:
     skipped = f" (offsets past the model's layers skipped: {r.skipped_layers})" if r.skipped_layers else ""
     return (f"The layer was picked among {len(r.layer_selection)} candidates{skipped}, every library checkpoint re-read "
             f"there, by leave-one-type-out AUROC within the calibration types ({scores}): layer {r.layer} (the library "
-            f"was measured at layer {r.library_layer}). Everything below, baselines included, reads layer {r.layer}.")
+            f"was measured at layer {r.library_layer}). Everything below, baselines included, reads layer {r.layer}."
+            + (" For the reader only, not used to pick: the monitor refitted at each candidate scores on the held-out "
+               "types " + "; ".join(f"layer {x}: AUROC {_fmt(d, 'auroc')}, FNR {_fmt(d, 'fnr')}, FPR {_fmt(d, 'fpr')}"
+                                    for x, d in r.layer_heldout.items()) + "." if r.layer_heldout else ""))
 
 
 def _cost_text(c: dict[str, float]) -> str:
@@ -407,7 +418,7 @@ def monitor_entries(r: MonitorResult) -> dict[str, Any]:
         "variants": {name: _short(d) for name, d in r.detectors.items() if name in MONITOR_DETECTORS and name != "monitor"},
         "baselines": {name: _short(d) for name, d in r.detectors.items() if name not in MONITOR_DETECTORS},
         "cost_ratio": r.cost["cost_ratio"], "cost": r.cost, "sae": r.sae, "monitor_path": r.monitor_path, "label": r.label,
-        "library_layer": r.library_layer, "skipped_layers": r.skipped_layers,
+        "library_layer": r.library_layer, "skipped_layers": r.skipped_layers, "layer_heldout": r.layer_heldout,
         "layer_selection": {x: {k: json_number(v) for k, v in kinds.items()} for x, kinds in r.layer_selection.items()}}}
 
 
