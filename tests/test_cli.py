@@ -67,7 +67,9 @@ def test_study_quick_writes_results_and_report(quick_study):
     assert steering["em_scores"][0] == steering["random_em_scores"][0] and steering["benign_loglik_changes"][0] == 0
     assert results["transfer"]["status"] == "not run"
     monitor = results["monitor"]  # the drift monitor on the real model, at the quick budget
-    assert monitor["layer"] == 15 and len(monitor["runs"]) == 4 and monitor["kind"] in ("forest", "logistic")
+    assert monitor["library_layer"] == 15 and set(monitor["layer_selection"]) == {"15", "10", "20"}  # 15 +/- 5
+    assert str(monitor["layer"]) in monitor["layer_selection"] and len(monitor["runs"]) == 4
+    assert monitor["kind"] in ("forest", "logistic") and results["monitor_stress"]["layer"] == monitor["layer"]
     assert monitor["threshold"] >= 0 and 0 < monitor["pc1_variance"] <= 1 and monitor["cost_ratio"] > 0
     assert (out / monitor["monitor_path"]).with_suffix(".json").is_file()
     assert monitor["sae"]["over_seeds"]["n_seeds"] == 2 and monitor["label"]["questions"] == 16
