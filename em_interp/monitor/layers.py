@@ -47,16 +47,12 @@ def select_monitor_layer(tables: Mapping[int, CheckpointTable], calibration: np.
     for layer, t in tables.items():
         if not (np.array_equal(t.run, first.run) and np.array_equal(t.step, first.step)):
             raise EmInterpError(f"layer {layer}'s table lists other checkpoints than layer {next(iter(tables))}'s")
-    scores: dict[int, dict[str, float]] = {}
-    best: tuple[float, int, str] | None = None
-    for layer, table in tables.items():
-        kind, per_kind = select_monitor_kind(table, calibration, dangerous, names, min_leaf, seed)
-        scores[layer] = per_kind
-        value = float(np.nan_to_num(per_kind[kind], nan=-1.0))
-        if best is None or value > best[0]:
-            best = (value, layer, kind)
-    assert best is not None
-    return LayerChoice(best[1], best[2], scores)
+    picks = {layer: select_monitor_kind(table, calibration, dangerous, names, min_leaf, seed)
+             for layer, table in tables.items()}
+    order = list(picks)
+    # the best AUROC (NaN: worst); among equals, the layer listed first
+    layer = max(order, key=lambda x: (float(np.nan_to_num(picks[x][1][picks[x][0]], nan=-1.0)), -order.index(x)))
+    return LayerChoice(layer, picks[layer][0], {x: per_kind for x, (_, per_kind) in picks.items()})
 
 
 def relayer_records(records: Sequence[RunRecord], specs: Sequence[RunSpec], setup: LibrarySetup,
