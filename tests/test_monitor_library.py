@@ -218,10 +218,13 @@ def test_a_library_without_dangerous_calibration_checkpoints_is_reported_not_eva
                    em_high=-np.abs(table.em_shift) + 0.004)  # nothing more misaligned than the base
     with pytest.raises(EmInterpError, match="no calibration checkpoint has an EM shift whose CI is above"):
         evaluate_library(calm, ("a-mis", "benign"), ("x", "y", "z"))
-    result = _not_evaluable(calm, ("a-mis", "benign"), ("x", "y", "z"), 1, {})
+    def line(t: CheckpointTable) -> float:  # the danger line the stage passes in
+        return dangerous_threshold(t, np.isin(t.type, ["a-mis", "benign"]))
+
+    result = _not_evaluable(calm, ("a-mis", "benign"), ("x", "y", "z"), 1, line(calm))
     entry = monitor_entries(result)["monitor"]
     assert entry["status"].startswith("not evaluable") and entry["auroc"] is None and entry["threshold"] == 0.0
-    assert _not_evaluable(table, ("a-mis", "benign"), ("x", "y", "z"), 1, {}) is None
+    assert _not_evaluable(table, ("a-mis", "benign"), ("x", "y", "z"), 1, line(table)) is None
 
 
 def test_a_failing_sweep_job_is_named_and_keeps_its_error_class():

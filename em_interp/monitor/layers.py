@@ -18,6 +18,7 @@ import torch
 
 from em_interp.chat import ChatExample
 from em_interp.errors import EmInterpError
+from em_interp.model import HookedModel
 from em_interp.monitor.perturbations import LibrarySetup, RunRecord, RunSpec, train_run
 from em_interp.monitor.scoring import CheckpointTable, select_monitor_kind
 
@@ -55,14 +56,27 @@ def select_monitor_layer(tables: Mapping[int, CheckpointTable], calibration: np.
     return LayerChoice(layer, picks[layer][0], {x: per_kind for x, (_, per_kind) in picks.items()})
 
 
+def monitor_activations(model: HookedModel, setup: LibrarySetup, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The monitor prompts' last-prompt-token ``resid_post`` activations of ``model`` at each of ``layers`` (one
+    forward pass), as :func:`em_interp.monitor.perturbations.measure_checkpoint` reads them at the library's layer.
+
+    That function keeps its own copy: it is part of every cached library run's key, so moving it would rebuild them."""
+    from em_interp.activations import cache_residuals
+
+    read = {layer: model.check_layer(layer, "layers") for layer in layers}
+    prompts = [ChatExample(p.question, None, p.system) for p in setup.prompts]
+    cached = cache_residuals(model, prompts, layers=sorted(set(read.values())), hook="resid_post", reduction="last_prompt",
+                             batch_size=32, progress=False)
+    return {layer: cached[read[layer]].float().cpu() for layer in layers}
+
+
 def relayer_records(records: Sequence[RunRecord], specs: Sequence[RunSpec], setup: LibrarySetup,
-                    layers: Sequence[int], base_activations: Mapping[int, torch.Tensor]) -> dict[int, list[RunRecord]]:
+                    layers: Sequence[int], base_model: HookedModel) -> dict[int, list[RunRecord]]:
     """The library's ``records`` with their monitor activations re-read at each of ``layers`` (labels unchanged).
 
     ``specs`` are the runs the records came from (same order); each run's saved checkpoints are read once,
     every layer from the same forward pass (a run whose folder is gone is retrained to the same weights);
-    ``base_activations[layer]`` are the base model's at that layer (step 0 of every run)."""
-    from em_interp.activations import cache_residuals
+    step 0 of every run is ``base_model`` (the library's base model, loaded)."""
     from em_interp.lora.adapters import load_adapter_weights
     from em_interp.model import load_model
 
@@ -70,10 +84,7 @@ def relayer_records(records: Sequence[RunRecord], specs: Sequence[RunSpec], setu
         raise EmInterpError(f"{len(records)} records for {len(specs)} run specs")
     if not layers:
         raise EmInterpError("layers is empty: name at least one layer to re-read")
-    missing_base = [layer for layer in layers if layer not in base_activations]
-    if missing_base:
-        raise EmInterpError(f"base_activations has no entry for layers {missing_base}")
-    prompts = [ChatExample(p.question, None, p.system) for p in setup.prompts]
+    base = monitor_activations(base_model, setup, layers)
     out: dict[int, list[RunRecord]] = {layer: [] for layer in layers}
     for record, spec in zip(records, specs):
         if record.run != spec.name:
@@ -84,14 +95,11 @@ def relayer_records(records: Sequence[RunRecord], specs: Sequence[RunSpec], setu
         if missing:
             raise EmInterpError(f"run {spec.name}: no saved checkpoint for steps {missing}")
         model = load_model(setup.model, adapter=result.adapter_dir, device=setup.device, progress=False)
-        read = {layer: model.check_layer(layer, "layers") for layer in layers}
-        acts: dict[int, list[torch.Tensor]] = {layer: [base_activations[layer]] for layer in layers}
+        acts: dict[int, list[torch.Tensor]] = {layer: [base[layer]] for layer in layers}
         for step in record.steps[1:]:
             load_adapter_weights(model, by_step[step])
-            cached = cache_residuals(model, prompts, layers=sorted(set(read.values())), hook="resid_post", reduction="last_prompt",
-                                     batch_size=32, progress=False)
-            for layer in layers:
-                acts[layer].append(cached[read[layer]].float().cpu())
+            for layer, a in monitor_activations(model, setup, layers).items():
+                acts[layer].append(a)
         for layer in layers:
             out[layer].append(replace(record, activations=torch.stack(acts[layer])))
     return out

@@ -110,12 +110,12 @@ def _checkpoint_rows(table: CheckpointTable, calibration: np.ndarray, dangerous:
 
 
 def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], names: tuple[str, ...], layer: int,
-                   sae_info: dict[str, Any]) -> MonitorResult | None:
-    """A result that says why, when no calibration checkpoint is dangerous (short runs, small budgets, some seeds)."""
+                   threshold: float) -> MonitorResult | None:
+    """A result that says why, when no calibration checkpoint is dangerous (short runs, small budgets, some seeds);
+    ``threshold``: the danger line."""
     from sklearn.decomposition import PCA
 
     calibration = np.isin(table.type, list(calibration_types))
-    threshold = dangerous_threshold(table, calibration)
     if is_dangerous(table, threshold)[calibration].any():
         return None
     types = list(dict.fromkeys(table.type.tolist()))
@@ -126,7 +126,7 @@ def _not_evaluable(table: CheckpointTable, calibration_types: tuple[str, ...], n
     rows = _checkpoint_rows(table, calibration, none, none)
     return MonitorResult(layer, list(names), types, list(dict.fromkeys(table.run.tolist())),
                          [t for t in types if t in calibration_types], [t for t in types if t not in calibration_types],
-                         threshold, {}, float(variance[0]), variance.tolist(), {}, {}, sae_info, rows, {}, "", "", {},
+                         threshold, {}, float(variance[0]), variance.tolist(), {}, {}, {}, rows, {}, "", "", {},
                          status=reason)
 
 
@@ -136,10 +136,10 @@ def _layer_candidates(config: StudyConfig, library_layer: int, n_layers: int) ->
     return [x for x in wanted if 0 <= x < n_layers], [x for x in wanted if not 0 <= x < n_layers]
 
 
-def _choose_layer(ctx: StudyContext, table: CheckpointTable, basis: TraitBasis) -> tuple[
+def _choose_layer(ctx: StudyContext, table: CheckpointTable, basis: TraitBasis, line: float) -> tuple[
         LayerChoice, list[RunRecord], TraitBasis, list[int], dict[str, dict[str, Any]]]:
     """Re-read the library at every candidate layer and pick one on the calibration types alone
-    (:func:`em_interp.monitor.layers.select_monitor_layer`); the picked layer's records and basis, the layers skipped,
+    (:func:`em_interp.monitor.layers.select_monitor_layer`; ``line``: the library's danger line); the picked layer's records and basis, the layers skipped,
     and each candidate's held-out monitor score (reported beside the choice, never used for it)."""
     config, budget, model, library = ctx.config, ctx.config.budget.monitor, ctx.model, ctx.drift_library
     layers, skipped = _layer_candidates(config, library.layer, model.n_layers)
@@ -149,18 +149,14 @@ def _choose_layer(ctx: StudyContext, table: CheckpointTable, basis: TraitBasis) 
     records = {library.layer: list(library.records)}
     others = [x for x in layers if x != library.layer]
     if others:
-        setup = library_setup(config, model.n_layers)
-        prompts = [ChatExample(p.question, None, p.system) for p in setup.prompts]
-        base = cache_residuals(model, prompts, layers=others, hook="resid_post", reduction="last_prompt", batch_size=32,
-                               progress=False)
-        records.update(relayer_records(library.records, library_specs(config), setup, others,
-                                       {x: base[x].float().cpu() for x in others}))
+        records.update(relayer_records(library.records, library_specs(config), library_setup(config, model.n_layers),
+                                       others, model))
     bases = {x: basis if x == library.layer else monitor_basis(model, config, x) for x in layers}
     tables = {x: table if x == library.layer else checkpoint_table(records[x], bases[x], None, None, seed=config.seed)
               for x in layers}
     calibration = np.isin(table.type, list(budget.calibration))
-    dangerous = is_dangerous(table, dangerous_threshold(table, calibration))
-    choice = select_monitor_layer(tables, calibration, dangerous, basis.names, budget.min_leaf, config.seed)
+    choice = select_monitor_layer(tables, calibration, is_dangerous(table, line), basis.names, budget.min_leaf,
+                                  config.seed)
     # for the reader only, after the choice: what the monitor would have scored on the held-out types at each candidate
     heldout = {str(x): evaluate_library(t, budget.calibration, basis.names, min_leaf=budget.min_leaf, seed=config.seed,
                                         n_boot=budget.bootstrap, detectors=("monitor",)).detectors["monitor"].heldout.to_json()
@@ -175,13 +171,13 @@ def run_monitor(ctx: StudyContext) -> MonitorResult:
     fit_q = general_questions()[0::3]
     basis = monitor_basis(model, config, library.layer)
     table = checkpoint_table(library.records, basis, None, None, seed=config.seed)
-    label = label_summary(np.concatenate([r.question_shift[1:] for r in library.records]),
-                          dangerous_threshold(table, np.isin(table.type, list(budget.monitor.calibration))), config.seed)
-    not_evaluable = _not_evaluable(table, budget.monitor.calibration, basis.names, library.layer, {})
+    line = dangerous_threshold(table, np.isin(table.type, list(budget.monitor.calibration)))
+    label = label_summary(np.concatenate([r.question_shift[1:] for r in library.records]), line, config.seed)
+    not_evaluable = _not_evaluable(table, budget.monitor.calibration, basis.names, library.layer, line)
     if not_evaluable is not None:
         ctx.drift_monitor = None
         return replace(not_evaluable, label=label)
-    choice, records, basis, skipped, layer_heldout = _choose_layer(ctx, table, basis)
+    choice, records, basis, skipped, layer_heldout = _choose_layer(ctx, table, basis, line)
     layer = choice.layer
     sae_examples = [ChatExample(q.question, a, q.system) for q in fit_q for a in (*q.aligned, *q.misaligned)]
     sae_examples += domain_dataset(config.domain, "aligned", "train")

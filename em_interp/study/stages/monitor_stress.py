@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from em_interp.activations import cache_residuals
-from em_interp.chat import ChatExample
 from em_interp.errors import EmInterpError
 from em_interp.loading import merged_model_dir
 from em_interp.monitor.detector import DriftMonitor
@@ -109,10 +107,7 @@ def _other_layer(ctx: StudyContext, layer: int, folder: Path, seed: int) -> dict
     except EmInterpError as exc:  # the study folder's own path left out: results.json says the same in any folder
         refusal = str(exc).replace(f"{config.out}{os.sep}", "")
     setup = library_setup(config, model.n_layers)
-    prompts = [ChatExample(p.question, None, p.system) for p in setup.prompts]
-    base = cache_residuals(model, prompts, layers=[other], hook="resid_post", reduction="last_prompt", batch_size=32,
-                           progress=False)[other].float().cpu()
-    records = relayer_records(library.records, library_specs(config), setup, [other], {other: base})[other]
+    records = relayer_records(library.records, library_specs(config), setup, [other], model)[other]
     basis = monitor_basis(model, config, other)
     table = checkpoint_table(records, basis, None, None, seed=seed)
     evaluation = evaluate_library(table, budget.calibration, basis.names, min_leaf=budget.min_leaf, seed=seed,
